@@ -1,0 +1,171 @@
+"""The LLaMA forward pass in NumPy, top to bottom:
+
+    ids (B, T) -> embed -> L x [ x + attn(norm(x)) ; x + mlp(norm(x)) ] -> final norm -> LM head -> logits (B, T, V)
+
+A named hook point sits on every arrow that carries the residual stream (TransformerLens
+names, see HOOK_POINTS), so tools such as the logit lens and early exit are thin layers on
+top of this file rather than edits inside it.
+"""
+import numpy as np
+
+from .cache import KVCache
+from .ops import apply_rope, attention, causal_mask, linear, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+
+BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+
+
+def hook_names(n_layers):
+    """Every hook point in the order the forward pass reaches it."""
+    blocks = [f"blocks.{l}.{h}" for l in range(n_layers) for h in BLOCK_HOOKS]
+    return ["hook_embed", *blocks, "hook_final_norm"]
+
+
+class Model:
+    """A loaded LLaMA: config, float32 weights under their checkpoint names, optional tokenizer."""
+
+    def __init__(self, config, params, tokenizer=None):
+        self.config = config
+        self.params = params                                   # checkpoint name -> float32 array
+        self.tokenizer = tokenizer
+        self.embed_tokens = params["model.embed_tokens.weight"]                  # (V, D)
+        self.lm_head = params.get("lm_head.weight", self.embed_tokens)          # (V, D), maybe tied
+        self.final_norm = params["model.norm.weight"]                           # (D,)
+        self.layers = [_layer_params(params, l) for l in range(config.n_layers)]
+        self.hook_names = hook_names(config.n_layers)
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self._cos = self._sin = np.zeros((0, config.head_dim), np.float32)     # RoPE tables, grown on demand
+        for name, array in params.items():
+            assert array.dtype == np.float32, f"{name} is {array.dtype}, expected float32"
+
+    # ------------------------------------------------------------ the forward pass
+
+    def forward(self, ids, kv_cache=None, hooks=None):
+        """Logits (B, T, V) float32 for token ids (T,) or (B, T).
+
+        kv_cache: a KVCache from new_kv_cache; positions continue from its length and the new
+        keys/values are appended. hooks: {hook name: fn(x, name)}; fn may return a replacement.
+        """
+        ids = self.check_ids(ids)                                               # (B, T)
+        B, T = ids.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None:
+            kv_cache.check_room(B, T)
+        hook = _hook_caller(hooks, self.hook_names)
+        x = hook("hook_embed", self.embed_tokens[ids])                          # (B, T, D)
+        for l in range(self.config.n_layers):
+            x = hook(f"blocks.{l}.hook_resid_pre", x)
+            attn_out = hook(f"blocks.{l}.hook_attn_out", self.attn_sublayer(l, x, start, kv_cache))
+            x = hook(f"blocks.{l}.hook_resid_mid", x + attn_out)
+            mlp_out = hook(f"blocks.{l}.hook_mlp_out", self.mlp_sublayer(l, x))
+            x = hook(f"blocks.{l}.hook_resid_post", x + mlp_out)
+        if kv_cache is not None:
+            kv_cache.length += T
+        h = hook("hook_final_norm", rms_norm(x, self.final_norm, self.config.norm_eps))
+        return linear(h, self.lm_head)                                          # (B, T, V)
+
+    def attn_sublayer(self, l, x, start, kv_cache=None):
+        """Block l's attention on the residual x (B, T, D) at positions start.. -> (B, T, D)."""
+        c, w = self.config, self.layers[l]
+        B, T, _ = x.shape
+        h = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)                           # (B, T, D)
+        q = self._heads(linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")))  # (B, H, T, hd)
+        k = self._heads(linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")))  # (B, KV, T, hd)
+        v = self._heads(linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")))  # (B, KV, T, hd)
+        cos, sin = self.rope(start, T)                                                     # (T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            kv_cache.write(l, k, v, start)
+            k, v = kv_cache.view(l, start + T)                                             # (B, KV, S, hd)
+        out = attention(q, k, v, causal_mask(T, start + T))                                # (B, H, T, hd)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)                                  # (B, T, H*hd)
+        return linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))   # (B, T, D)
+
+    def mlp_sublayer(self, l, x):
+        """Block l's SwiGLU FFN on the residual x (B, T, D) -> (B, T, D)."""
+        w = self.layers[l]
+        h = rms_norm(x, w["post_attention_layernorm.weight"], self.config.norm_eps)
+        return swiglu(h, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"],
+                      w.get("mlp.gate_proj.bias"), w.get("mlp.up_proj.bias"), w.get("mlp.down_proj.bias"))
+
+    def unembed(self, h):
+        """Logits (..., V) from any residual state h (..., D): final RMSNorm with h's own RMS, then LM head."""
+        return linear(rms_norm(np.asarray(h, np.float32), self.final_norm, self.config.norm_eps), self.lm_head)
+
+    # ------------------------------------------------------------ helpers
+
+    def _heads(self, x):
+        """(B, T, n*hd) -> (B, n, T, hd)."""
+        B, T, _ = x.shape
+        return x.reshape(B, T, -1, self.config.head_dim).transpose(0, 2, 1, 3)
+
+    def rope(self, start, T):
+        """cos, sin (T, hd) for positions start .. start+T-1, from a table grown by doubling."""
+        end = start + T
+        if end > len(self._cos):
+            size = max(end, 2 * len(self._cos), 256)
+            self._cos, self._sin = rope_cos_sin(np.arange(size), self.inv_freq)
+        return self._cos[start:end], self._sin[start:end]
+
+    def new_kv_cache(self, batch_size=1, max_len=2048):
+        """An empty KVCache for batch_size sequences of up to max_len positions."""
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim)
+
+    def check_ids(self, ids):
+        """Token ids as an int64 (B, T) array, or a clear error."""
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"token ids must have shape (T,) or (B, T) with T >= 1, got {ids.shape}")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is out of range: the vocabulary has "
+                             f"{self.config.vocab_size} ids (0 .. {self.config.vocab_size - 1})")
+        return ids.astype(np.int64)
+
+    def run_with_cache(self, ids, names=None, kv_cache=None):
+        """(logits, {hook name: activation}) for the requested hook points (default: all)."""
+        from .hooks import select_hooks
+        acts = {}
+
+        def save(x, name):
+            acts[name] = x
+
+        logits = self.forward(ids, kv_cache, hooks={n: save for n in select_hooks(self.hook_names, names)})
+        return logits, acts
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model(layers={c.n_layers}, d_model={c.d_model}, heads={c.n_heads}/{c.n_kv_heads}, "
+                f"vocab={c.vocab_size}, params={c.n_params / 1e6:.1f}M)")
+
+
+def _layer_params(params, l):
+    """Block l's weights keyed by their name inside the block, e.g. 'self_attn.q_proj.weight'."""
+    prefix = f"model.layers.{l}."
+    return {name[len(prefix):]: array for name, array in params.items() if name.startswith(prefix)}
+
+
+def _hook_caller(hooks, valid_names):
+    """hook(name, x) -> x, or what hooks[name](x, name) returned in its place."""
+    if not hooks:
+        return lambda name, x: x
+    unknown = [n for n in hooks if n not in valid_names]
+    if unknown:
+        raise KeyError(f"unknown hook point(s) {unknown}; valid names look like 'hook_embed', "
+                       "'blocks.3.hook_resid_mid', 'hook_final_norm' (see model.hook_names)")
+
+    def call(name, x):
+        fn = hooks.get(name)
+        out = None if fn is None else fn(x, name)
+        if out is None:
+            return x
+        out = np.asarray(out, dtype=np.float32)
+        if out.shape != x.shape:
+            raise ValueError(f"hook {name} returned shape {out.shape}; it must keep {x.shape}")
+        return out
+
+    return call

@@ -1,0 +1,100 @@
+"""The LLaMA building blocks as pure NumPy functions. All inputs and outputs are float32.
+
+Shapes: B batch, T new positions, S positions attended to (cache + new), D model width,
+H query heads, KV key/value heads, hd head width, F SwiGLU width, V vocabulary.
+"""
+import math
+
+import numpy as np
+
+
+def linear(x, weight, bias=None):
+    """x (..., in) @ weight.T, weight (out, in) as stored in the checkpoint -> (..., out)."""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def rms_norm(x, weight, eps):
+    """x (..., D) scaled to unit root-mean-square over D, then by the learned weight (D,)."""
+    ms = np.mean(x * x, axis=-1, keepdims=True)          # (..., 1)
+    return x / np.sqrt(ms + eps) * weight                  # eps is a Python float: stays float32
+
+
+def silu(x):
+    """x * sigmoid(x); sigmoid via tanh so large |x| cannot overflow exp()."""
+    return x * (0.5 + 0.5 * np.tanh(0.5 * x))
+
+
+def swiglu(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
+    """LLaMA FFN: down(silu(gate(x)) * up(x)); x (..., D) -> (..., D) through width F."""
+    hidden = silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up)   # (..., F)
+    return linear(hidden, w_down, b_down)                              # (..., D)
+
+
+def softmax(x, axis=-1):
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+# ---------------------------------------------------------------- RoPE
+
+def rope_inv_freq(head_dim, theta, scaling):
+    """Rotation speed of each of the hd/2 dimension pairs, (hd/2,) float64, with rope_scaling applied."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":                   # positions divided by factor == frequencies divided by it
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_scale(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq, s):
+    """Llama 3.1 scaling: slow (long-wavelength) pairs / factor, fast ones kept, smooth ramp between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    ramp = np.clip((old_len / wavelen - low) / (high - low), 0.0, 1.0)   # 0: slow pair, 1: fast pair
+    return (1 - ramp) * inv_freq / factor + ramp * inv_freq
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos, sin tables (T, hd) for absolute positions (T,); each angle repeated for both halves."""
+    angles = np.outer(positions, inv_freq)                 # (T, hd/2) in float64 for accuracy
+    angles = np.concatenate([angles, angles], axis=-1)     # (T, hd)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) over the two halves of the last axis: HF's pairing of dimensions."""
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate queries or keys x (B, heads, T, hd) by their positions' angles; cos/sin (T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------- attention
+
+def causal_mask(T, S):
+    """(T, S) bool: new position i (absolute S-T+i) may look at key j iff j <= S-T+i."""
+    return np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q (B, H, T, hd); k, v (B, KV, S, hd); mask (T, S) -> (B, H, T, hd).
+
+    The G = H/KV query heads that share a key/value head are stacked as extra rows, so one
+    batched matmul per KV head serves them all (MHA: G=1, MQA: KV=1).
+    """
+    B, H, T, hd = q.shape
+    KV = k.shape[1]
+    G = H // KV
+    q = q.reshape(B, KV, G * T, hd)                                   # rows: (g, t) pairs
+    scores = (q @ k.transpose(0, 1, 3, 2)) * hd ** -0.5               # (B, KV, G*T, S)
+    scores = scores.reshape(B, KV, G, T, -1)
+    scores = np.where(mask, scores, -np.inf)                          # hide the future
+    probs = softmax(scores).reshape(B, KV, G * T, -1)
+    return (probs @ v).reshape(B, H, T, hd)
