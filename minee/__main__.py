@@ -31,6 +31,33 @@ def cmd_generate(args):
               f"{args.threads} BLAS thread(s)]", file=sys.stderr)
 
 
+def cmd_lens(args):
+    from .lens import lens
+    from .plots import plot_lens
+    model = minee.load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
+    result = lens(model, model.tokenizer.encode(args.prompt), k=args.top_k)
+    if args.metric not in result.metrics:
+        raise ValueError(f"unknown metric {args.metric!r}; choose from {', '.join(result.metrics)}")
+    if args.out:
+        points = range(1, len(result.points), 2) if args.blocks_only else None
+        plot_lens(result, model.tokenizer, args.metric, points=points, out=args.out)
+    if args.json:
+        print(json.dumps({"model": args.model, "prompt": args.prompt, "figure": args.out,
+                          **result.to_json(model.tokenizer)}))
+        return
+    tok = model.tokenizer
+    print(f"{'point':>8}  top-1 prediction after each input token ({args.metric} in brackets)")
+    for p in reversed(range(len(result.points))):
+        cells = [f"{tok.decode([t])!r}[{v:.2f}]" for t, v in
+                 zip(result.top_ids[p, :, 0], result.metrics[args.metric][p])]
+        print(f"{result.labels[p]:>8}  " + " ".join(cells))
+    print(f"{'input':>8}  " + " ".join(repr(s) for s in result.token_strings))
+    if args.out:
+        print(f"figure written to {args.out}", file=sys.stderr)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="python -m minee", description=minee.__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +80,17 @@ def parser():
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.set_defaults(run=cmd_generate)
+
+    le = sub.add_parser("lens", help="logit lens: what every exit point predicts")
+    common(le)
+    le.add_argument("--prompt", required=True)
+    le.add_argument("--out", help="write the heatmap to this PNG")
+    le.add_argument("--metric", default="entropy",
+                    help="cell colour: entropy, kl, final_prob, final_rank, agree, accuracy")
+    le.add_argument("--top-k", type=int, default=5, help="top-k tokens per cell in --json")
+    le.add_argument("--blocks-only", action="store_true",
+                    help="plot only block outputs (odd points), not the after-attention points")
+    le.set_defaults(run=cmd_lens)
     return p
 
 

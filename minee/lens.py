@@ -1,0 +1,137 @@
+"""The logit lens: decode every exit point of the residual stream through the final norm + LM head.
+
+For exit point p (the residual after a sub-layer, see hooks.exit_point_names) the lens
+logits are lm_head(final_norm(h_p)), h_p normalized with its own RMS. Comparing them with
+the model's final prediction shows where, and how early, the answer forms.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .hooks import exit_point_names, point_label
+
+
+def log_softmax(logits):
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def lens_metrics(point_logits, final_logits, targets=None):
+    """Per-point metrics (P, T) from lens logits (P, T, V) and the final logits (T, V).
+
+    agree: top-1 equals the final top-1; kl: KL(final || point) in nats; entropy (nats);
+    final_rank: rank of the final top-1 token (0 = top); final_prob: its probability;
+    accuracy (if targets (T,), the gold next ids, -1 = none): top-1 equals the gold token.
+    """
+    logp = log_softmax(point_logits)                                     # (P, T, V)
+    logq = log_softmax(final_logits)                                     # (T, V)
+    top1, final_top1 = logp.argmax(-1), logq.argmax(-1)                  # (P, T), (T,)
+    p_final = np.take_along_axis(logp, np.broadcast_to(final_top1[None, :, None], (*logp.shape[:2], 1)), -1)[..., 0]
+    m = {
+        "agree": (top1 == final_top1).astype(np.float32),
+        "kl": (np.exp(logq) * (logq - logp)).sum(-1),
+        "entropy": -(np.exp(logp) * logp).sum(-1),
+        "final_rank": (logp > p_final[..., None]).sum(-1).astype(np.float32),
+        "final_prob": np.exp(p_final),
+    }
+    if targets is not None:
+        targets = np.asarray(targets)
+        acc = (top1 == targets).astype(np.float32)
+        m["accuracy"] = np.where(targets >= 0, acc, np.nan).astype(np.float32)
+    return m
+
+
+@dataclass
+class LensResult:
+    """The lens of one sequence: P exit points x T positions."""
+    ids: list                      # input token ids (T,)
+    points: list                   # exit point hook names (P,)
+    top_ids: np.ndarray            # (P, T, k) top-k token ids per point and position
+    top_probs: np.ndarray          # (P, T, k) their probabilities
+    metrics: dict                  # name -> (P, T) float32, see lens_metrics
+    final_top_ids: np.ndarray      # (T,) the model's own prediction
+    token_strings: list = field(default=None)   # input tokens as text, if a tokenizer is known
+
+    @property
+    def labels(self):
+        return [point_label(p) for p in range(len(self.points))]
+
+    def to_json(self, tokenizer=None):
+        def text(ids):
+            return tokenizer.token_strings(ids) if tokenizer else None
+        return {
+            "ids": list(map(int, self.ids)), "tokens": self.token_strings,
+            "points": self.points, "final_top1": self.final_top_ids.tolist(),
+            "top_ids": self.top_ids.tolist(),
+            "top1_tokens": [text(row[:, 0]) for row in self.top_ids] if tokenizer else None,
+            "top_probs": np.round(self.top_probs, 5).tolist(),
+            "metrics": {k: np.round(v, 5).tolist() for k, v in self.metrics.items()},
+        }
+
+
+def exit_states(model, ids):
+    """(final logits (T, V), exit-point states (P, T, D)) for one sequence in one forward pass."""
+    names = exit_point_names(model.config.n_layers)
+    logits, acts = model.run_with_cache(np.asarray(ids)[None], names=names)
+    return logits[0], np.stack([acts[n][0] for n in names])
+
+
+def top_k(logits, k):
+    """Indices (..., k) of the k largest entries of the last axis, largest first."""
+    part = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    order = np.argsort(-np.take_along_axis(logits, part, -1), axis=-1)
+    return np.take_along_axis(part, order, -1)
+
+
+def point_chunks(P, T, V, budget_bytes=512 << 20):
+    """Split P points into slices whose (p, T, V) float32 logits fit the memory budget."""
+    step = max(1, budget_bytes // (T * V * 4 * 3))      # logits, log-probs and a temporary
+    return [slice(i, min(i + step, P)) for i in range(0, P, step)]
+
+
+def decode_points(model, states, final, targets, k=0):
+    """Lens metrics {name: (P, T)} and, if k, top-k ids/probs (P, T, k) for states (P, T, D).
+
+    All positions of a group of points go through the LM head as one matmul; groups are
+    only as small as memory requires (all 2L points at once for a short prompt).
+    """
+    P, T, _ = states.shape
+    parts = []
+    for sl in point_chunks(P, T, model.config.vocab_size):
+        logits = model.unembed(states[sl])                                # (p, T, V)
+        m = lens_metrics(logits, final, targets)
+        if k:
+            top = top_k(logits, k)
+            m["top_ids"] = top
+            m["top_probs"] = np.exp(np.take_along_axis(log_softmax(logits), top, -1))
+        parts.append(m)
+    return {name: np.concatenate([m[name] for m in parts]) for name in parts[0]}
+
+
+def lens(model, ids, k=5):
+    """The lens of one sequence `ids` (T,): every exit point decoded at every position."""
+    ids = [int(i) for i in model.check_ids(ids)[0]]
+    final, states = exit_states(model, ids)                              # (T, V), (P, T, D)
+    targets = np.array(ids[1:] + [-1])                                   # next gold token, none at the end
+    m = decode_points(model, states, final, targets, k)
+    tok = model.tokenizer
+    return LensResult(
+        ids=ids, points=exit_point_names(model.config.n_layers),
+        top_ids=m.pop("top_ids"), top_probs=m.pop("top_probs"), metrics=m,
+        final_top_ids=final.argmax(-1),
+        token_strings=tok.token_strings(ids) if tok else None)
+
+
+def corpus_lens(model, ids, window=256, progress=True):
+    """Lens metrics averaged over a long token sequence, in non-overlapping windows: name -> (P,)."""
+    from tqdm.auto import tqdm
+    ids = np.asarray(ids)
+    sums, counts = {}, {}
+    starts = range(0, len(ids) - 1, window)
+    for s in tqdm(starts, desc="lens", unit="window", disable=not progress):
+        chunk = ids[s:s + window + 1]                      # one extra id: the last position's target
+        final, states = exit_states(model, chunk[:-1])
+        for name, v in decode_points(model, states, final, chunk[1:]).items():
+            sums[name] = sums.get(name, 0) + np.nansum(v, axis=1)
+            counts[name] = counts.get(name, 0) + np.sum(~np.isnan(v), axis=1)
+    return {name: sums[name] / counts[name] for name in sums}
