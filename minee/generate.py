@@ -12,7 +12,8 @@ class Generation:
     prompt_tokens: list          # ids fed to the model (BOS included if the tokenizer adds it)
     tokens: list                 # generated ids, EOS included when generation stopped on it
     text: str                    # the generated ids decoded ("" without a tokenizer)
-    stats: dict = field(default_factory=dict)   # timings and throughput
+    stats: dict = field(default_factory=dict)   # timings, throughput and, with exit=, its costs
+    exit_points: list = field(default_factory=list)   # per generated token; 2L-1 = the full model
 
 
 def encode_prompt(model, prompt, chat=False):
@@ -75,9 +76,21 @@ class TextStream:
 
 
 def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-             chat=False, stop_at_eos=True, on_text=None):
-    """Continue `prompt` (text or ids) by up to max_new_tokens tokens; on_text(piece) streams the text."""
+             chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy"):
+    """Continue `prompt` (text or ids) by up to max_new_tokens tokens; on_text(piece) streams the text.
+
+    exit: a gate (spec string such as "confidence:0.9" or an exits.Gate) to leave the network
+    early on every decoded token; kv: how the skipped layers' keys/values are filled
+    ("copy", "propagate" or "compute", see exits.py). The prompt always runs the full model.
+    """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    last_point = 2 * model.config.n_layers - 1
+    if exit is None:
+        decoder, step = None, lambda token, cache: (model.forward([token], kv_cache=cache)[0, -1], last_point)
+    else:
+        from .exits import ExitDecoder
+        decoder = ExitDecoder(model, exit, kv)
+        step = decoder.step
     ids = encode_prompt(model, prompt, chat)
     total = len(ids) + max_new_tokens
     if total > model.config.max_position_embeddings:
@@ -85,7 +98,7 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
                          f"model's context of {model.config.max_position_embeddings} positions")
     rng = np.random.default_rng(seed)
     kv = model.new_kv_cache(1, total)
-    stream, tokens = TextStream(model.tokenizer), []
+    stream, tokens, points = TextStream(model.tokenizer), [], [last_point]
     t0 = time.perf_counter()
     logits = model.forward(ids, kv_cache=kv)[0, -1]                       # prefill: (V,)
     t1 = time.perf_counter()
@@ -96,9 +109,12 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
             on_text(stream.push(token))
         if len(tokens) == max_new_tokens or (stop_at_eos and token in model.config.eos_token_ids):
             break
-        logits = model.forward([token], kv_cache=kv)[0, -1]                # decode one: (V,)
+        logits, point = step(token, kv)                                     # decode one: (V,)
+        points.append(point)
     t2 = time.perf_counter()
     text = model.tokenizer.decode(tokens) if model.tokenizer else ""
     stats = {"prompt_tokens": len(ids), "new_tokens": len(tokens), "prefill_s": t1 - t0,
              "decode_s": t2 - t1, "decode_tokens_per_s": (len(tokens) - 1) / (t2 - t1) if len(tokens) > 1 else None}
-    return Generation(ids, tokens, text, stats)
+    if decoder is not None:
+        stats.update(gate=str(decoder.gate), kv=kv, **decoder.stats.summary(model.config))
+    return Generation(ids, tokens, text, stats, points)

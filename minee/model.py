@@ -68,9 +68,9 @@ class Model:
         c, w = self.config, self.layers[l]
         B, T, _ = x.shape
         h = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)                           # (B, T, D)
-        q = self._heads(linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")))  # (B, H, T, hd)
-        k = self._heads(linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")))  # (B, KV, T, hd)
-        v = self._heads(linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")))  # (B, KV, T, hd)
+        q = self.split_heads(linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")))  # (B, H, T, hd)
+        k = self.split_heads(linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")))  # (B, KV, T, hd)
+        v = self.split_heads(linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")))  # (B, KV, T, hd)
         cos, sin = self.rope(start, T)                                                     # (T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
@@ -93,7 +93,7 @@ class Model:
 
     # ------------------------------------------------------------ helpers
 
-    def _heads(self, x):
+    def split_heads(self, x):
         """(B, T, n*hd) -> (B, n, T, hd)."""
         B, T, _ = x.shape
         return x.reshape(B, T, -1, self.config.head_dim).transpose(0, 2, 1, 3)

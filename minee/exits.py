@@ -1,0 +1,335 @@
+"""Early exit without extra heads: decode from an intermediate exit point through the model's
+own final norm + LM head, decide when with a gate, and fill the keys/values that the skipped
+layers never computed.
+
+Exit points p = 0 .. 2L-1 (see hooks.py): p = 2l after block l's attention, p = 2l+1 after its
+FFN. The last point 2L-1 is the full model. A Gate looks at features of the residual state at
+each candidate point (confidence, margin, entropy, top-1, cosine to the previous state) and
+says "exit here" or "go on".
+"""
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .lens import log_softmax
+from .ops import apply_rope, linear, rms_norm
+
+GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
+LOGIT_GATES = ("confidence", "margin", "entropy", "patience", "learned")   # need the LM head to decide
+KV_MODES = ("copy", "propagate", "compute")
+FEATURES = ("confidence", "margin", "entropy", "cosine", "depth")          # inputs of the learned gate
+
+
+# ------------------------------------------------------------------ gates
+
+@dataclass
+class Gate:
+    """When to leave the network. kind in GATE_KINDS; value: threshold, point (fixed),
+    K (patience) or the parameter dict of a learned gate. Options apply to every gate:
+    min_point (first candidate), check_every (check every n-th candidate), attn_points
+    (whether after-attention points p = 2l are candidates or only block outputs)."""
+    kind: str
+    value: object = None
+    min_point: int = 0
+    check_every: int = 1
+    attn_points: bool = True
+
+    @property
+    def needs_logits(self):
+        return self.kind in LOGIT_GATES
+
+    def candidates(self, n_points):
+        """Exit points this gate checks, in order (the last point is always the fallback)."""
+        if self.kind == "fixed":
+            return [min(int(self.value), n_points - 1)]
+        pts = [p for p in range(self.min_point, n_points) if self.attn_points or p % 2 == 1]
+        return pts[self.check_every - 1::self.check_every]
+
+    def decide(self, f):
+        """Exit decision from features f (arrays of any common shape) -> bool array."""
+        k, v = self.kind, self.value
+        if k == "confidence":
+            return f["confidence"] >= v
+        if k == "margin":
+            return f["margin"] >= v
+        if k == "entropy":
+            return f["entropy"] <= v
+        if k == "patience":
+            return f["run"] >= v
+        if k == "cosine":
+            return f["cosine"] >= v
+        if k == "learned":
+            return learned_prob(v, f) >= v["threshold"]
+        if k == "fixed":
+            return np.ones_like(f["depth"], dtype=bool)
+        raise ValueError(f"gate {k!r} decides from the full pass (oracle), not from features")
+
+    def __str__(self):
+        value = "" if self.value is None else f":{self.value['path'] if self.kind == 'learned' else self.value}"
+        return self.kind + value
+
+
+def parse_gate(spec):
+    """A Gate from a CLI spec: KIND[:VALUE][,min_point=N][,check_every=N][,attn_points=0|1].
+
+    e.g. "confidence:0.9", "patience:3,attn_points=0", "fixed:40", "learned:gate.json", "oracle".
+    """
+    if isinstance(spec, Gate):
+        return spec
+    head, *opts = str(spec).split(",")
+    kind, _, value = head.partition(":")
+    if kind not in GATE_KINDS:
+        raise ValueError(f"unknown gate {kind!r}; choose from {', '.join(GATE_KINDS)} "
+                         "(e.g. confidence:0.9, entropy:1.5, patience:3, cosine:0.95, fixed:40, oracle)")
+    if kind != "oracle" and not value:
+        raise ValueError(f"gate {kind!r} needs a value, e.g. {kind}:{_EXAMPLES[kind]}")
+    kwargs = {}
+    for opt in opts:
+        name, _, v = opt.partition("=")
+        if name not in ("min_point", "check_every", "attn_points") or not v:
+            raise ValueError(f"gate option {opt!r} not understood; use min_point=N, check_every=N, attn_points=0|1")
+        kwargs[name] = bool(int(v)) if name == "attn_points" else int(v)
+    if kind == "learned":
+        parsed = load_learned_gate(value)
+    elif kind == "oracle":
+        parsed = None
+    else:
+        parsed = int(value) if kind in ("fixed", "patience") else float(value)
+    gate = Gate(kind, parsed, **kwargs)
+    if gate.check_every < 1:
+        raise ValueError("check_every must be >= 1")
+    return gate
+
+
+_EXAMPLES = {"fixed": 40, "confidence": 0.9, "margin": 0.5, "entropy": 1.0, "patience": 3,
+             "cosine": 0.95, "learned": "gate.json"}
+
+
+# ------------------------------------------------------------------ features
+
+def logit_features(logits):
+    """confidence (max prob), margin (top-1 minus top-2 prob), entropy (nats), top1 from logits (..., V)."""
+    logp = log_softmax(logits)
+    top2 = np.partition(logp, -2, axis=-1)[..., -2:]                   # (..., 2): second, first
+    return {"confidence": np.exp(top2[..., 1]), "margin": np.exp(top2[..., 1]) - np.exp(top2[..., 0]),
+            "entropy": -(np.exp(logp) * logp).sum(-1), "top1": logits.argmax(-1)}
+
+
+def cosine(a, b):
+    """Cosine similarity of states a, b (..., D) along D."""
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def patience_runs(top1, checked):
+    """run[i] = how many consecutive checked points up to i (axis 0) share point i's top-1."""
+    run = np.zeros(top1.shape, dtype=np.int64)
+    prev, count = None, None
+    for i in range(top1.shape[0]):
+        if not checked[i]:
+            continue
+        count = 1 if prev is None else np.where(top1[i] == prev, count + 1, 1)
+        run[i], prev = count, top1[i]
+    return run
+
+
+# ------------------------------------------------------------------ the learned gate
+
+def learned_prob(params, f):
+    """P(exiting here gives the final token) from a logistic regression on FEATURES."""
+    x = np.stack([f[n] for n in params["features"]], axis=-1)
+    z = ((x - params["mean"]) / params["std"]) @ params["w"] + params["b"]
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def train_learned_gate(features, labels, threshold=0.5, l2=1e-3, iters=50):
+    """Fit the logistic-regression gate by Newton's method. features: name -> (N,) arrays
+    (FEATURES); labels (N,) 1 where exiting gives the final model's token. Returns the params dict."""
+    x = np.stack([np.asarray(features[n], np.float64) for n in FEATURES], axis=-1)
+    y = np.asarray(labels, np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-8
+    X = np.hstack([(x - mean) / std, np.ones((len(x), 1))])           # (N, F+1), last column: bias
+    w = np.zeros(X.shape[1])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-X @ w))
+        grad = X.T @ (p - y) / len(y) + l2 * w
+        hess = (X * (p * (1 - p))[:, None]).T @ X / len(y) + l2 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return {"features": list(FEATURES), "mean": mean, "std": std, "w": w[:-1], "b": float(w[-1]),
+            "threshold": float(threshold)}
+
+
+def save_learned_gate(params, path):
+    out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items() if k != "path"}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def load_learned_gate(path):
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"learned gate file {path} not found; train one with "
+                                "minee.exits.train_learned_gate and save_learned_gate") from None
+    params = {k: (np.array(v) if isinstance(v, list) and k != "features" else v) for k, v in raw.items()}
+    params["path"] = str(path)
+    return params
+
+
+# ------------------------------------------------------------------ cost model
+
+def flops(config, S):
+    """Estimated multiply-add FLOPs (x2) of each piece of one decoded token with S cached positions."""
+    D, F, V, hd = config.d_model, config.d_ff, config.vocab_size, config.head_dim
+    q, kv = config.n_heads * hd, config.n_kv_heads * hd
+    return {"attn": 2 * D * (2 * q + 2 * kv) + 4 * q * S, "mlp": 6 * D * F,
+            "lm_head": 2 * D * V, "kv_project": 4 * D * kv}
+
+
+# ------------------------------------------------------------------ one early-exit decode step
+
+@dataclass
+class ExitStats:
+    """Accumulated over decode steps: where tokens exited and what it cost."""
+    points: list = field(default_factory=list)
+    lm_head_calls: int = 0
+    flops: float = 0.0
+    seconds: float = 0.0
+
+    def summary(self, config):
+        n = max(len(self.points), 1)
+        full = 2 * config.n_layers
+        pts = np.array(self.points, dtype=float)
+        return {"mean_exit_point": float(pts.mean()) if len(pts) else None,
+                "mean_layers_used": float(((pts + 1) / 2).mean()) if len(pts) else None,
+                "share_early": float((pts < full - 1).mean()) if len(pts) else None,
+                "lm_head_calls_per_token": self.lm_head_calls / n,
+                "flops_per_token": self.flops / n}
+
+
+class ExitDecoder:
+    """Decodes one token at a time with early exit; keeps the gate's state and the stats.
+
+    step(token, kv) runs the sub-layers in order, checks the gate at its candidate points,
+    stops at the first "exit", fills the skipped layers' keys/values (kv mode) and returns the
+    logits (V,) at the exit point.
+    """
+
+    def __init__(self, model, gate, kv="copy"):
+        if kv not in KV_MODES:
+            raise ValueError(f"unknown kv fill {kv!r}; choose from {', '.join(KV_MODES)}")
+        self.model, self.gate, self.kv_mode = model, parse_gate(gate), kv
+        self.n_points = 2 * model.config.n_layers
+        self.candidates = set(self.gate.candidates(self.n_points))
+        if self.gate.kind == "fixed" and not 0 <= self.gate.value < self.n_points:
+            raise ValueError(f"fixed exit point {self.gate.value} is out of range 0 .. {self.n_points - 1}")
+        self.stats = ExitStats()
+
+    def sublayer(self, p, x, pos, kv):
+        """Residual after exit point p given the residual before it: x (1, 1, D)."""
+        l = p // 2
+        if p % 2 == 0:
+            return x + self.model.attn_sublayer(l, x, pos, kv)
+        return x + self.model.mlp_sublayer(l, x)
+
+    def step(self, token, kv):
+        t0 = time.perf_counter()
+        kv.check_room(1, 1)
+        pos, self.cost = kv.length, flops(self.model.config, kv.length + 1)
+        x = self.model.embed_tokens[np.array([[token]])]                     # (1, 1, D)
+        p, logits = self._oracle(x, pos, kv) if self.gate.kind == "oracle" else self._gated(x, pos, kv)
+        kv.length += 1
+        self.stats.points.append(p)
+        self.stats.seconds += time.perf_counter() - t0
+        return logits, p
+
+    def _run(self, p, x, pos, kv):
+        """sublayer() plus its cost in the stats."""
+        self.stats.flops += self.cost["attn" if p % 2 == 0 else "mlp"]
+        return self.sublayer(p, x, pos, kv)
+
+    def _unembed(self, x):
+        """Logits (V,) of state x (1, 1, D), with the LM head's cost in the stats."""
+        self.stats.lm_head_calls += 1
+        self.stats.flops += self.cost["lm_head"]
+        return self.model.unembed(x)[0, -1]
+
+    def _gated(self, x, pos, kv):
+        """Run sub-layers until the gate says exit at a candidate point (or the last point)."""
+        last, prev_top1, run = self.n_points - 1, None, 0
+        for p in range(self.n_points):
+            before, x = x, self._run(p, x, pos, kv)
+            if p == last or p not in self.candidates:
+                continue
+            f = {"depth": np.float64(p / last), "cosine": cosine(x[0, 0], before[0, 0])}
+            logits = None
+            if self.gate.needs_logits:
+                logits = self._unembed(x)
+                f.update(logit_features(logits))
+                run = run + 1 if f["top1"] == prev_top1 else 1
+                prev_top1, f["run"] = f["top1"], run
+            if self.gate.decide(f):
+                self.fill_skipped(p, x, pos, kv)
+                return p, (self._unembed(x) if logits is None else logits)
+        return last, self._unembed(x)
+
+    def _oracle(self, x, pos, kv):
+        """Run every point, then exit in hindsight at the first point from which the top-1 stays
+        final. The stats count what an ideal gate would pay: the sub-layers up to p, one LM head."""
+        states = []
+        for p in range(self.n_points):
+            x = self.sublayer(p, x, pos, kv)
+            states.append(x)
+        top1 = self.model.unembed(np.concatenate(states)).argmax(-1)       # (P, 1)
+        p = int(stable_point(top1)[0])
+        self.stats.flops += sum(self.cost["attn" if q % 2 == 0 else "mlp"] for q in range(p + 1))
+        if self.kv_mode != "compute":                    # the full pass left an exact cache
+            self.fill_skipped(p, states[p], pos, kv)
+        return p, self._unembed(states[p])
+
+    def fill_skipped(self, p, x, pos, kv):
+        """Keys/values at position pos for the blocks after the exit (block p//2 + 1 onwards)."""
+        l_exit, model = p // 2, self.model
+        deeper = range(l_exit + 1, model.config.n_layers)
+        if self.kv_mode == "copy":                         # the exit block's K/V, reused in every deeper block
+            for l in deeper:
+                kv.keys[l, :, :, pos] = kv.keys[l_exit, :, :, pos]
+                kv.values[l, :, :, pos] = kv.values[l_exit, :, :, pos]
+        elif self.kv_mode == "propagate":                  # CALM: the exit state through each block's K/V projections
+            for l in deeper:
+                k, v = kv_projection(model, l, x, pos)
+                kv.write(l, k, v, pos)
+                self.stats.flops += self.cost["kv_project"]
+        else:                                              # compute: finish the pass for an exact cache
+            for q in range(p + 1, self.n_points):
+                x = self._run(q, x, pos, kv)
+
+
+def kv_projection(model, l, x, pos):
+    """Block l's keys and values (1, KV, 1, hd) for residual x (1, 1, D) at position pos."""
+    w, c = model.layers[l], model.config
+    h = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)
+    k = model.split_heads(linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")))
+    v = model.split_heads(linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")))
+    cos, sin = model.rope(pos, 1)
+    return apply_rope(k, cos, sin), v
+
+
+# ------------------------------------------------------------------ oracles on teacher-forced data
+
+def first_match_point(top1):
+    """top1 (P, N) per point and token -> (N,) first point whose top-1 equals the last point's."""
+    return np.argmax(top1 == top1[-1], axis=0)
+
+
+def stable_point(top1):
+    """top1 (P, N) -> (N,) first point from which the top-1 equals the last point's at every later point."""
+    differs = top1 != top1[-1]                                          # (P, N)
+    P = top1.shape[0]
+    last_diff = np.where(differs.any(0), P - 1 - np.argmax(differs[::-1], axis=0), -1)
+    return last_diff + 1
