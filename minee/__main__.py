@@ -19,16 +19,18 @@ def cmd_generate(args):
         print(args.prompt, end="", flush=True)
     out = minee.generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
-                         on_text=stream)
+                         on_text=stream, exit=args.exit, kv=args.kv)
     if args.json:
         print(json.dumps({"model": args.model, "prompt": args.prompt, "prompt_tokens": out.prompt_tokens,
-                          "tokens": out.tokens, "text": out.text, "threads": args.threads,
-                          "stats": out.stats}, indent=2))
+                          "tokens": out.tokens, "text": out.text, "exit_points": out.exit_points,
+                          "threads": args.threads, "stats": out.stats}, indent=2))
     else:
         s = out.stats
         rate = f", {s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"] else ""
+        exits = (f", exit {s['gate']} kv={s['kv']}: {s['mean_layers_used']:.1f} of "
+                 f"{model.config.n_layers} layers on average" if args.exit else "")
         print(f"\n[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new{rate}, "
-              f"{args.threads} BLAS thread(s)]", file=sys.stderr)
+              f"{args.threads} BLAS thread(s){exits}]", file=sys.stderr)
 
 
 def cmd_lens(args):
@@ -79,6 +81,12 @@ def parser():
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--exit", metavar="GATE", default=None,
+                   help="early exit gate: fixed:P, confidence:T, margin:T, entropy:T, patience:K, "
+                        "cosine:T, learned:PATH or oracle; options: ,min_point=N ,check_every=N "
+                        ",attn_points=0 (e.g. confidence:0.9,min_point=40)")
+    g.add_argument("--kv", choices=["copy", "propagate", "compute"], default="copy",
+                   help="keys/values of the layers an early-exited token skips (default copy)")
     g.set_defaults(run=cmd_generate)
 
     le = sub.add_parser("lens", help="logit lens: what every exit point predicts")

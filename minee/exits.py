@@ -67,8 +67,12 @@ class Gate:
         raise ValueError(f"gate {k!r} decides from the full pass (oracle), not from features")
 
     def __str__(self):
+        """The spec string parse_gate reads back (options only where not the default)."""
         value = "" if self.value is None else f":{self.value['path'] if self.kind == 'learned' else self.value}"
-        return self.kind + value
+        opts = [f",min_point={self.min_point}"] * (self.min_point != 0)
+        opts += [f",check_every={self.check_every}"] * (self.check_every != 1)
+        opts += [",attn_points=0"] * (not self.attn_points)
+        return self.kind + value + "".join(opts)
 
 
 def parse_gate(spec):

@@ -97,10 +97,10 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
         raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.config.max_position_embeddings} positions")
     rng = np.random.default_rng(seed)
-    kv = model.new_kv_cache(1, total)
+    cache = model.new_kv_cache(1, total)
     stream, tokens, points = TextStream(model.tokenizer), [], [last_point]
     t0 = time.perf_counter()
-    logits = model.forward(ids, kv_cache=kv)[0, -1]                       # prefill: (V,)
+    logits = model.forward(ids, kv_cache=cache)[0, -1]                       # prefill: (V,)
     t1 = time.perf_counter()
     while True:
         token = sample(logits, temperature, top_k, top_p, rng)
@@ -109,7 +109,7 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
             on_text(stream.push(token))
         if len(tokens) == max_new_tokens or (stop_at_eos and token in model.config.eos_token_ids):
             break
-        logits, point = step(token, kv)                                     # decode one: (V,)
+        logits, point = step(token, cache)                                     # decode one: (V,)
         points.append(point)
     t2 = time.perf_counter()
     text = model.tokenizer.decode(tokens) if model.tokenizer else ""

