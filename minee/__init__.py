@@ -27,4 +27,4 @@ def load(src, progress=True) -> Model:
     """Load a Hugging Face LLaMA directory (config.json + *.safetensors [+ tokenizer.json]) or a known name."""
     path = resolve(src, progress)
     config = load_config(path)
-    return Model(config, load_weights(path, config), load_tokenizer(path))
+    return Model(config, load_weights(path, config), load_tokenizer(path), source=str(src))

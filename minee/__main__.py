@@ -60,6 +60,37 @@ def cmd_lens(args):
         print(f"figure written to {args.out}", file=sys.stderr)
 
 
+def cmd_analyze(args):
+    from .analysis import analyze
+    model = minee.load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; the analysis encodes a text corpus")
+    res = analyze(model, args.out, corpus=args.corpus, max_tokens=args.max_tokens or None,
+                  window=args.window, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
+                  progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+        return
+    e1, e4 = res["e1"], res["e4"]
+    print(f"{e1['tokens']} tokens, perplexity {e1['perplexity']:.2f}, final top-1 accuracy "
+          f"{e1['final_accuracy']:.1%}")
+    print(f"E1 stable oracle: {e1['share_needing_last_point']:.1%} of tokens need the last point, "
+          f"mean {e1['mean_layers_stable']:.1f} layers (saving {e1['saving_stable']:.1%}); "
+          f"first match: mean {e1['mean_layers_first_match']:.1f} layers")
+    best = min((r for r in res["e2"] if r["exit_error"] <= 0.05 and not r["gate"].startswith("oracle")),
+               key=lambda r: r["mean_layers_used"], default=None)
+    if best:
+        print(f"E2 cheapest gate with exit error <= 5%: {best['gate']} ({best['mean_layers_used']:.1f} layers)")
+    for name, r in res["e3"].items():
+        print(f"E3 {name}: {r['tokens']} tokens, mean stable point {r['mean_stable_point']:.1f}, "
+              f"{r['share_needing_last_point']:.1%} need the last point")
+    print(f"E4 {e4['stable_at_attention']:.1%} of stable exits are after an attention sub-layer")
+    if res["e5"]:
+        print("E5 agreement with plain greedy output: " + ", ".join(
+            f"kv={kv} {res['e5'][kv]['agreement']:.1%}" for kv in ("copy", "propagate", "compute")))
+    print(f"figures and analysis.json written to {args.out}", file=sys.stderr)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="python -m minee", description=minee.__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +130,16 @@ def parser():
     le.add_argument("--blocks-only", action="store_true",
                     help="plot only block outputs (odd points), not the after-attention points")
     le.set_defaults(run=cmd_lens)
+
+    an = sub.add_parser("analyze", help="the paper's experiments E1-E6 over a corpus, to JSON + PNG")
+    common(an)
+    an.add_argument("--out", required=True, help="output directory")
+    an.add_argument("--corpus", default=None, help="text file (default: minee's evaluation corpus)")
+    an.add_argument("--max-tokens", type=int, default=4096, help="corpus tokens to use (0 = all)")
+    an.add_argument("--window", type=int, default=256, help="tokens scored per forward pass")
+    an.add_argument("--gen-prompts", type=int, default=8, help="prompts for E5 generation (0 = skip)")
+    an.add_argument("--gen-tokens", type=int, default=48, help="tokens generated per E5 prompt")
+    an.set_defaults(run=cmd_analyze)
     return p
 
 

@@ -113,12 +113,12 @@ _EXAMPLES = {"fixed": 40, "confidence": 0.9, "margin": 0.5, "entropy": 1.0, "pat
 
 # ------------------------------------------------------------------ features
 
-def logit_features(logits):
-    """confidence (max prob), margin (top-1 minus top-2 prob), entropy (nats), top1 from logits (..., V)."""
-    logp = log_softmax(logits)
+def logit_features(logp):
+    """confidence (max prob), margin (top-1 minus top-2 prob), entropy (nats) and top1 from
+    log-probabilities (..., V) (lens.log_softmax of the logits)."""
     top2 = np.partition(logp, -2, axis=-1)[..., -2:]                   # (..., 2): second, first
     return {"confidence": np.exp(top2[..., 1]), "margin": np.exp(top2[..., 1]) - np.exp(top2[..., 0]),
-            "entropy": -(np.exp(logp) * logp).sum(-1), "top1": logits.argmax(-1)}
+            "entropy": -(np.exp(logp) * logp).sum(-1), "top1": logp.argmax(-1)}
 
 
 def cosine(a, b):
@@ -274,7 +274,7 @@ class ExitDecoder:
             logits = None
             if self.gate.needs_logits:
                 logits = self._unembed(x)
-                f.update(logit_features(logits))
+                f.update(logit_features(log_softmax(logits)))
                 run = run + 1 if f["top1"] == prev_top1 else 1
                 prev_top1, f["run"] = f["top1"], run
             if self.gate.decide(f):

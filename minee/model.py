@@ -23,8 +23,9 @@ def hook_names(n_layers):
 class Model:
     """A loaded LLaMA: config, float32 weights under their checkpoint names, optional tokenizer."""
 
-    def __init__(self, config, params, tokenizer=None):
+    def __init__(self, config, params, tokenizer=None, source=None):
         self.config = config
+        self.source = source                                   # where it was loaded from, for reports
         self.params = params                                   # checkpoint name -> float32 array
         self.tokenizer = tokenizer
         self.embed_tokens = params["model.embed_tokens.weight"]                  # (V, D)

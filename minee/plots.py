@@ -50,6 +50,7 @@ def plot_lens(result, tokenizer, metric="entropy", points=None, out=None):
 
 def plot_point_curves(summary, out=None, title="Logit lens over a corpus"):
     """Per-point curves of agreement, accuracy, KL and entropy; summary: name -> (P,) means."""
+    summary = {k: np.asarray(v) for k, v in summary.items() if k in ("agree", "accuracy", "kl", "entropy")}
     P = len(summary["agree"])
     x = np.arange(P)
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
@@ -71,3 +72,98 @@ def plot_point_curves(summary, out=None, title="Logit lens over a corpus"):
     if out:
         fig.savefig(out, dpi=110)
     return fig
+
+
+def _save(fig, out):
+    fig.tight_layout()
+    if out:
+        fig.savefig(out, dpi=110)
+    return fig
+
+
+def plot_oracle_hist(e1, out=None):
+    """Where each token could have exited: first-match and stable oracle points (E1)."""
+    P = e1["points"]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    x = np.arange(P)
+    n = e1["tokens"]
+    ax.bar(x - 0.2, np.array(e1["first_match_hist"]) / n, width=0.4, label="first match")
+    ax.bar(x + 0.2, np.array(e1["stable_hist"]) / n, width=0.4, label="stable (saturation)")
+    ax.set_xticks(x[1::4], [point_label(p) for p in x[1::4]], rotation=45, fontsize=8)
+    ax.set_ylabel("share of tokens")
+    ax.set_xlabel("earliest exit point whose top-1 equals the final top-1")
+    ax.set_title(f"Oracle exit points over {n} tokens: {e1['share_needing_last_point']:.1%} need the "
+                 f"last point; perplexity {e1['perplexity']:.1f}", fontsize=10)
+    ax.legend()
+    return _save(fig, out)
+
+
+def _kind(row):
+    return row["gate"].split(":")[0].split(",")[0]
+
+
+def plot_gate_pareto(rows, out=None, title="Gates: exit error vs layers used (teacher-forced)"):
+    """One line per gate kind over its threshold sweep; the oracle as a star (E2, E6)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind in dict.fromkeys(_kind(r) for r in rows):
+        pts = sorted((r["mean_layers_used"], r["exit_error"]) for r in rows if _kind(r) == kind)
+        if kind == "oracle":
+            ax.scatter(*zip(*pts), marker="*", s=250, color="black", label="oracle", zorder=3)
+        else:
+            ax.plot(*zip(*pts), marker="o", ms=4, label=kind)
+    ax.set_xlabel("mean layers used (of the block count)")
+    ax.set_ylabel("exit error: exit top-1 != final top-1")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_subword(e3, out=None):
+    """Stable oracle points of word-initial vs continuation vs other target tokens (E3)."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, r in e3.items():
+        h = np.array(r["stable_hist"], dtype=float)
+        ax.plot(np.cumsum(h) / h.sum(), label=f"{name} ({r['tokens']} tokens, "
+                f"{r['share_needing_last_point']:.0%} need the last point)")
+    P = len(next(iter(e3.values()))["stable_hist"])
+    ticks = np.arange(1, P, 4)
+    ax.set_xticks(ticks, [point_label(p) for p in ticks], rotation=45, fontsize=8)
+    ax.set_ylabel("share of tokens settled")
+    ax.set_xlabel("stable exit point")
+    ax.set_title("Sub-words: when does the prediction settle? (cumulative)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_sublayer(e4, out=None):
+    """Stable exit points that fall after attention vs after the FFN, per block (E4)."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    x = np.arange(len(e4["stable_hist_block"]))
+    ax.bar(x - 0.2, e4["stable_hist_attention"], width=0.4, label="after attention (even p)")
+    ax.bar(x + 0.2, e4["stable_hist_block"], width=0.4, label="after the FFN (odd p)")
+    ax.set_xlabel("block")
+    ax.set_ylabel("tokens whose stable exit is here")
+    ax.set_title(f"Sub-layer exits: {e4['stable_at_attention']:.1%} of stable exits are attention "
+                 "half-blocks", fontsize=10)
+    ax.legend()
+    return _save(fig, out)
+
+
+def plot_generation(e5, out=None):
+    """Agreement with plain greedy decoding by position, per KV fill strategy (E5)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for kv in ("copy", "propagate", "compute"):
+        if kv in e5:
+            axes[0].plot(e5[kv]["agreement_by_position"], label=f"kv={kv}")
+            axes[1].plot(e5[kv]["identical_prefix_by_position"], label=f"kv={kv}")
+    axes[0].set_title("same token as plain decoding at position", fontsize=10)
+    axes[1].set_title("whole output identical up to position", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("generated position")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"share of {e5['prompts']} prompts")
+    axes[0].legend()
+    fig.suptitle(f"Generation with gate {e5['gate']}", fontsize=10)
+    return _save(fig, out)

@@ -1,0 +1,322 @@
+"""The paper's experiments (../shared/paper.md, E1-E6) over a corpus, teacher-forced.
+
+`teacher_forced` runs the model over the corpus in windows and keeps, for every exit point p
+and every token n, what a gate could look at (top-1, confidence, margin, entropy, cosine to the
+previous state) and the lens's KL to the final distribution. Everything else is cheap array
+arithmetic on those (P, N) tables, so each experiment is a short function.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .exits import Gate, cosine, first_match_point, logit_features, patience_runs, stable_point, train_learned_gate
+from .hooks import exit_point_names
+from .lens import log_softmax, point_chunks
+
+DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+BUCKETS = ("word_initial", "continuation", "other")
+
+
+@dataclass
+class TeacherForced:
+    """Per exit point p and corpus token n (the prediction made at position n)."""
+    top1: np.ndarray          # (P, N) lens top-1 id
+    confidence: np.ndarray    # (P, N) max probability
+    margin: np.ndarray        # (P, N) top-1 minus top-2 probability
+    entropy: np.ndarray       # (P, N) nats
+    cosine: np.ndarray        # (P, N) cos(h_p, h_{p-1}); h_{-1} is the embedding
+    kl: np.ndarray            # (P, N) KL(final || point), nats
+    targets: np.ndarray       # (N,) the gold next token
+    inputs: np.ndarray        # (N,) the token at position n
+
+    @property
+    def final_top1(self):
+        return self.top1[-1]
+
+    def features(self, points):
+        """Gate features at the given points: name -> (len(points), N)."""
+        P = self.top1.shape[0]
+        f = {k: getattr(self, k)[points] for k in ("confidence", "margin", "entropy", "cosine", "top1")}
+        f["depth"] = np.broadcast_to((np.asarray(points) / (P - 1))[:, None], f["top1"].shape)
+        return f
+
+
+def corpus_ids(tokenizer, path=None, max_tokens=None):
+    """Token ids of the evaluation corpus (or any text file), optionally truncated."""
+    ids = np.array(tokenizer.encode(Path(path or DEFAULT_CORPUS).read_text()), dtype=np.int64)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def teacher_forced(model, ids, window=256, context=128, progress=True):
+    """Tabulate every exit point over the corpus ids, `window` scored tokens at a time.
+
+    Each window is preceded by up to `context` earlier tokens that the model sees but that are
+    not scored, so no prediction is made from a cut-off context. Returns (table, perplexity).
+    """
+    from tqdm.auto import tqdm
+    names = ["hook_embed"] + exit_point_names(model.config.n_layers)
+    parts, nll = [], []
+    for s in tqdm(range(0, len(ids) - 1, window), desc="teacher-forced", unit="window", disable=not progress):
+        begin, end = max(0, s - context), min(s + window, len(ids) - 1)
+        logits, acts = model.run_with_cache(ids[None, begin:end], names=names)
+        scored = slice(s - begin, end - begin)                             # positions s .. end-1
+        states = np.stack([acts[n][0, scored] for n in names])             # (1 + P, T, D)
+        logq = log_softmax(logits[0, scored])                              # (T, V) final
+        targets = ids[s + 1:end + 1]
+        nll.append(-logq[np.arange(len(targets)), targets])
+        part = _window_table(model, states[1:], logq)
+        part["cosine"] = cosine(states[1:], states[:-1])
+        part["targets"], part["inputs"] = targets, ids[s:end]
+        parts.append(part)
+    table = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+    return TeacherForced(**table), float(np.exp(np.concatenate(nll).mean()))
+
+
+def _window_table(model, states, logq):
+    """Logit features and KL for states (P, T, D), decoded a memory-sized group of points at a time."""
+    P, T, _ = states.shape
+    cols = {k: [] for k in ("top1", "confidence", "margin", "entropy", "kl")}
+    for sl in point_chunks(P, T, model.config.vocab_size):
+        logp = log_softmax(model.unembed(states[sl]))                      # (p, T, V)
+        f = logit_features(logp)
+        f["kl"] = (np.exp(logq) * (logq - logp)).sum(-1)
+        for k in cols:
+            cols[k].append(f[k])
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+# ------------------------------------------------------------------ E1 natural early exit
+
+def e1_natural(tf, perplexity):
+    """Per-point agreement/accuracy/KL/entropy, oracle histograms, share needing the last point."""
+    P = tf.top1.shape[0]
+    stable, first = stable_point(tf.top1), first_match_point(tf.top1)
+    return {
+        "perplexity": perplexity, "tokens": int(tf.top1.shape[1]), "points": P,
+        "agree": (tf.top1 == tf.final_top1).mean(1).tolist(),
+        "accuracy": (tf.top1 == tf.targets).mean(1).tolist(),
+        "kl": tf.kl.mean(1).tolist(), "entropy": tf.entropy.mean(1).tolist(),
+        "final_accuracy": float((tf.final_top1 == tf.targets).mean()),
+        "stable_hist": np.bincount(stable, minlength=P).tolist(),
+        "first_match_hist": np.bincount(first, minlength=P).tolist(),
+        "share_needing_last_point": float((stable == P - 1).mean()),
+        "share_needing_last_block": float((stable >= P - 2).mean()),
+        "mean_layers_stable": float(((stable + 1) / 2).mean()),
+        "mean_layers_first_match": float(((first + 1) / 2).mean()),
+        "saving_stable": float(1 - ((stable + 1) / P).mean()),
+        "saving_first_match": float(1 - ((first + 1) / P).mean()),
+    }
+
+
+# ------------------------------------------------------------------ E2 gates
+
+def gate_exits(gate, tf):
+    """Exit point (N,) of every token under a gate, and LM-head checks (N,) it spent deciding."""
+    P, N = tf.top1.shape
+    if gate.kind == "oracle":
+        return stable_point(tf.top1), np.zeros(N)
+    cand = np.array([p for p in gate.candidates(P) if p < P - 1], dtype=int)
+    if len(cand) == 0:
+        return np.full(N, P - 1), np.zeros(N)
+    f = tf.features(cand)
+    f["run"] = patience_runs(f["top1"], np.ones(len(cand), bool))
+    decide = np.asarray(gate.decide(f), dtype=bool)                        # (C, N)
+    hit = decide.any(0)
+    idx = np.argmax(decide, 0)                                             # first candidate that exits
+    exits = np.where(hit, cand[idx], P - 1)
+    checks = np.where(hit, idx + 1, len(cand)) if gate.needs_logits else np.zeros(N)
+    return exits, checks
+
+
+def gate_report(gate, tf, mask=None):
+    """Gate accuracy (exit = stable oracle), exit error, mean layers used, LM-head checks."""
+    exits, checks = gate_exits(gate, tf)
+    stable, first = stable_point(tf.top1), first_match_point(tf.top1)
+    m = np.ones(len(exits), bool) if mask is None else mask
+    wrong = tf.top1[exits, np.arange(len(exits))] != tf.final_top1
+    return {"gate": str(gate), "accuracy": float((exits == stable)[m].mean()),
+            "accuracy_first_match": float((exits == first)[m].mean()),
+            "exit_error": float(wrong[m].mean()), "mean_layers_used": float(((exits + 1) / 2)[m].mean()),
+            "lm_head_checks": float(checks[m].mean())}
+
+
+def default_gate_sweep(n_points):
+    """Threshold sweeps for every gate kind (candidate points from the last third of the network)."""
+    late = {"min_point": 2 * n_points // 3 - 1}
+    sweeps = [Gate("confidence", t, **late) for t in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)]
+    sweeps += [Gate("margin", t, **late) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    sweeps += [Gate("entropy", t, **late) for t in (3.0, 2.0, 1.0, 0.5, 0.2, 0.05)]
+    sweeps += [Gate("patience", k, **late) for k in (2, 3, 4, 6, 8)]
+    sweeps += [Gate("cosine", t, **late) for t in (0.8, 0.9, 0.95, 0.98, 0.99, 0.995)]
+    sweeps += [Gate("fixed", p) for p in range(n_points // 2, n_points, max(1, n_points // 12))]
+    return sweeps + [Gate("oracle")]
+
+
+def e2_gates(tf, gates):
+    return [gate_report(g, tf) for g in gates]
+
+
+# ------------------------------------------------------------------ E3 sub-words
+
+def subword_buckets(tokenizer, inputs, targets):
+    """Bucket (N,) of each target: 0 word-initial, 1 continuation of the previous token's word, 2 other.
+
+    A target is a word start when its vocabulary string begins with a word-start marker (Ġ for
+    byte-level BPE, ▁ for SentencePiece) or follows a token that does not end in a letter; it
+    continues a word when it is glued (no marker) to a token ending in a letter.
+    """
+    def raw(i):
+        return tokenizer.hf.id_to_token(int(i)) or ""
+
+    strings = {int(i): raw(i) for i in np.unique(np.concatenate([inputs, targets]))}
+    out = np.empty(len(targets), dtype=np.int8)
+    for n, (prev, tgt) in enumerate(zip(inputs, targets)):
+        t, p = strings[int(tgt)], strings[int(prev)]
+        marker = t[:1] in ("Ġ", "▁")
+        word = t.lstrip("Ġ▁")[:1].isalpha()
+        if not word:
+            out[n] = 2
+        elif marker or not p[-1:].isalpha():
+            out[n] = 0
+        else:
+            out[n] = 1
+    return out
+
+
+def e3_subword(tf, buckets, gates):
+    P = tf.top1.shape[0]
+    stable, first = stable_point(tf.top1), first_match_point(tf.top1)
+    res = {}
+    for b, name in enumerate(BUCKETS):
+        m = buckets == b
+        if not m.any():
+            continue
+        res[name] = {"tokens": int(m.sum()), "mean_stable_point": float(stable[m].mean()),
+                     "mean_first_match_point": float(first[m].mean()),
+                     "share_needing_last_point": float((stable[m] == P - 1).mean()),
+                     "stable_hist": np.bincount(stable[m], minlength=P).tolist(),
+                     "gates": [gate_report(g, tf, m) for g in gates]}
+    return res
+
+
+# ------------------------------------------------------------------ E4 sub-layers
+
+def e4_sublayer(tf):
+    """How often the optimal exit is an attention half-block (even point) rather than a block output."""
+    P = tf.top1.shape[0]
+    stable, first = stable_point(tf.top1), first_match_point(tf.top1)
+    blocks_only = 2 * stable_point(tf.top1[1::2]) + 1                 # oracle restricted to block outputs
+    return {"stable_at_attention": float((stable % 2 == 0).mean()),
+            "first_match_at_attention": float((first % 2 == 0).mean()),
+            "mean_layers_stable_sublayer": float(((stable + 1) / 2).mean()),
+            "mean_layers_stable_blocks_only": float(((blocks_only + 1) / 2).mean()),
+            "stable_hist_attention": np.bincount(stable[stable % 2 == 0] // 2, minlength=P // 2).tolist(),
+            "stable_hist_block": np.bincount(stable[stable % 2 == 1] // 2, minlength=P // 2).tolist()}
+
+
+# ------------------------------------------------------------------ E5 generation with KV fill
+
+def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=("copy", "propagate", "compute")):
+    """Agreement with plain greedy decoding at each generated position, per KV fill strategy."""
+    from .generate import generate
+    ref = [generate(model, p, new_tokens, stop_at_eos=False).tokens for p in prompts]
+    res = {"gate": str(gate), "prompts": len(prompts), "new_tokens": new_tokens}
+    for kv in kv_modes:
+        runs = [generate(model, p, new_tokens, stop_at_eos=False, exit=gate, kv=kv) for p in prompts]
+        same = np.array([np.array(r.tokens) == np.array(t) for r, t in zip(runs, ref)])   # (prompts, n)
+        res[kv] = {"agreement_by_position": same.mean(0).tolist(),
+                   "identical_prefix_by_position": np.cumprod(same, axis=1).mean(0).tolist(),
+                   "agreement": float(same.mean()),
+                   "mean_layers_used": float(np.mean([r.stats["mean_layers_used"] for r in runs]))}
+    return res
+
+
+# ------------------------------------------------------------------ E6 the learned gate
+
+def gate_training_data(tf, points=None):
+    """(features name -> (M,), labels (M,)) over the given points: label 1 where exiting is safe
+    (the point is at or after the token's stable oracle point)."""
+    P = tf.top1.shape[0]
+    points = np.arange(P - 1) if points is None else np.asarray(points)
+    f = tf.features(points)
+    labels = points[:, None] >= stable_point(tf.top1)[None, :]
+    keep = ("confidence", "margin", "entropy", "cosine", "depth")
+    return {k: np.asarray(f[k], np.float64).ravel() for k in keep}, labels.ravel()
+
+
+def split(tf, frac=0.5):
+    """Two TeacherForced tables: the first frac of the tokens and the rest."""
+    cut = int(tf.top1.shape[1] * frac)
+    fields = TeacherForced.__dataclass_fields__
+    return (TeacherForced(**{k: getattr(tf, k)[..., :cut] for k in fields}),
+            TeacherForced(**{k: getattr(tf, k)[..., cut:] for k in fields}))
+
+
+def e6_learned(tf, min_point=None, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
+    """Train the logistic gate on the first half of the corpus, compare with confidence on the second."""
+    P = tf.top1.shape[0]
+    min_point = 2 * P // 3 - 1 if min_point is None else min_point
+    train, test = split(tf)
+    feats, labels = gate_training_data(train, np.arange(min_point, P - 1))
+    params = train_learned_gate(feats, labels)
+    learned = [gate_report(Gate("learned", {**params, "threshold": t, "path": f"(trained, t={t})"},
+                                min_point=min_point), test) for t in thresholds]
+    confidence = [gate_report(Gate("confidence", t, min_point=min_point), test) for t in thresholds]
+    return {"train_tokens": int(train.top1.shape[1]), "test_tokens": int(test.top1.shape[1]),
+            "params": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()},
+            "learned": learned, "confidence": confidence}
+
+
+# ------------------------------------------------------------------ everything, to files
+
+def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompts=8, gen_tokens=48,
+            gen_gate="oracle", progress=True):
+    """Run E1-E6 on the corpus and write analysis.json and one PNG per experiment into out_dir."""
+    import json
+
+    from . import plots
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = corpus_ids(model.tokenizer, corpus, max_tokens)
+    if len(ids) < 2:
+        raise ValueError("the corpus encodes to fewer than 2 tokens; give a longer text")
+    tf, ppl = teacher_forced(model, ids, window=window, progress=progress)
+    P = tf.top1.shape[0]
+    gates = default_gate_sweep(P)
+    e3_gates = [g for g in gates if str(g) in (str(Gate("confidence", 0.9, min_point=2 * P // 3 - 1)), "oracle")]
+    prompt_len = 32
+    starts = np.linspace(0, max(len(ids) - prompt_len, 0), gen_prompts).astype(int)
+    prompts = [ids[s:s + prompt_len].tolist() for s in starts]
+    res = {
+        "model": model.source, "corpus": str(corpus or DEFAULT_CORPUS),
+        "window": window, "head_cost_in_layers": head_cost_in_layers(model.config),
+        "e1": e1_natural(tf, ppl),
+        "e2": e2_gates(tf, gates),
+        "e3": e3_subword(tf, subword_buckets(model.tokenizer, tf.inputs, tf.targets), e3_gates),
+        "e4": e4_sublayer(tf),
+        "e5": e5_generation(model, prompts, gen_tokens, gen_gate) if gen_prompts else None,
+        "e6": e6_learned(tf),
+    }
+    (out / "analysis.json").write_text(json.dumps(res, indent=1))
+    plots.plot_point_curves(res["e1"], out / "e1_lens_curves.png",
+                            title=f"Logit lens over {res['e1']['tokens']} corpus tokens "
+                                  f"(perplexity {ppl:.1f})")
+    plots.plot_oracle_hist(res["e1"], out / "e1_oracle_hist.png")
+    plots.plot_gate_pareto(res["e2"], out / "e2_gates.png")
+    plots.plot_subword(res["e3"], out / "e3_subword.png")
+    plots.plot_sublayer(res["e4"], out / "e4_sublayer.png")
+    if res["e5"]:
+        plots.plot_generation(res["e5"], out / "e5_generation.png")
+    plots.plot_gate_pareto(res["e6"]["learned"] + res["e6"]["confidence"] + [gate_report(Gate("oracle"), split(tf)[1])],
+                           out / "e6_learned.png", title="Learned gate vs confidence on held-out tokens")
+    import matplotlib.pyplot as plt
+    plt.close("all")
+    return res
+
+
+def head_cost_in_layers(config):
+    """How many transformer blocks one full-vocabulary LM head costs (FLOPs)."""
+    from .exits import flops
+    f = flops(config, 0)
+    return f["lm_head"] / (f["attn"] + f["mlp"])
