@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so `python weights_tool.py` finds minee
 
 from minee.convert import (  # noqa: E402
-    KNOWN_MODELS, f32_to_bf16, fetch, gguf_metadata, gguf_to_hf, open_gguf,
-    read_safetensors_header, write_safetensors,
+    KNOWN_MODELS, f32_to_bf16, fetch, gguf_metadata, gguf_to_hf, open_gguf, write_safetensors,
 )
+from minee.weights import read_header  # noqa: E402
 
 ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U8": 1, "BOOL": 1}
@@ -57,10 +57,7 @@ def _summary_from_hf_config(cfg: dict) -> dict:
 def _safetensors_tensors(files: list[Path]) -> list[dict]:
     rows = []
     for f in files:
-        header = read_safetensors_header(f)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        for name, info in read_header(f).items():
             rows.append({"name": name, "dtype": info["dtype"], "shape": info["shape"], "file": f.name})
     return rows
 

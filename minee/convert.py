@@ -162,29 +162,6 @@ ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np
              "BOOL": np.bool_}
 
 
-def read_safetensors_header(path) -> dict:
-    """The JSON header of a .safetensors file (8-byte little-endian length + JSON), no tensors read.
-
-    Returns {name: {"dtype", "shape", "data_offsets"}, ..., "__metadata__": {...} (if present)}.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise ValueError(f"{path} is not a safetensors file (header length {n} is impossible)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a safetensors file (bad JSON header: {e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
-    return header
-
-
 def write_safetensors(path, specs, arrays, metadata: dict | None = None) -> Path:
     """Stream tensors into a .safetensors file without holding them all in memory.
 
@@ -226,11 +203,6 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
-
-
-def bf16_to_f32(u: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns (uint16) -> float32, exact (a 16-bit shift)."""
-    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 # ----------------------------------------------------------------------------- GGUF reading

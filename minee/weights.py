@@ -21,12 +21,21 @@ class WeightsError(ValueError):
 
 def read_header(path) -> dict:
     """{name: {"dtype", "shape", "data_offsets"}} of one .safetensors file (no tensor data read)."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise WeightsError(f"{path} is not a safetensors file (too short)")
+            raise WeightsError(f"{path} is not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", raw)
-        header = json.loads(f.read(n))
+        if n > min(size - 8, 100 << 20):          # e.g. a git-lfs pointer instead of the weights
+            raise WeightsError(f"{path} is not a safetensors file (header length {n} is impossible; "
+                               "a git-lfs pointer? run `git lfs pull` or download the file again)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path} is not a safetensors file (bad JSON header: {e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     return header
 

@@ -16,10 +16,8 @@ import pytest
 
 import weights_tool
 from minee import convert
-from minee.convert import (
-    KNOWN_MODELS, bf16_to_f32, f32_to_bf16, fetch, gguf_to_hf, read_safetensors_header,
-    write_safetensors,
-)
+from minee.convert import KNOWN_MODELS, f32_to_bf16, fetch, gguf_to_hf, write_safetensors
+from minee.weights import iter_tensors, read_header, to_float32
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -367,7 +365,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         gguf_to_hf(tmp_path / "missing.gguf", tmp_path / "out")
     (tmp_path / "x.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
-        read_safetensors_header(tmp_path / "x.safetensors")
+        read_header(tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="known models: smollm2-135m"):
         fetch("llama-70b")
 
@@ -474,8 +472,8 @@ def test_bf16_rounding_matches_torch():
     ours = f32_to_bf16(x)
     ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(ours, ref)
-    np.testing.assert_array_equal(bf16_to_f32(ours), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
-    assert np.isnan(bf16_to_f32(f32_to_bf16(np.array([np.nan], np.float32))))[0]
+    np.testing.assert_array_equal(to_float32(ours, "BF16"), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    assert np.isnan(to_float32(f32_to_bf16(np.array([np.nan], np.float32)), "BF16"))[0]
 
 
 def test_write_safetensors_roundtrip_through_safetensors_lib(tmp_path):
@@ -491,10 +489,12 @@ def test_write_safetensors_roundtrip_through_safetensors_lib(tmp_path):
     assert t["c"].dtype == torch.bfloat16
     np.testing.assert_array_equal(t["a"].numpy(), a)
     np.testing.assert_array_equal(t["b"].numpy(), b)
-    np.testing.assert_array_equal(t["c"].float().numpy(), bf16_to_f32(c))
-    h = read_safetensors_header(tmp_path / "t.safetensors")
+    np.testing.assert_array_equal(t["c"].float().numpy(), to_float32(c, "BF16"))
+    h = read_header(tmp_path / "t.safetensors")
     assert h["c"] == {"dtype": "BF16", "shape": [2, 2], "data_offsets": [58, 66]}
-    assert h["__metadata__"] == {"format": "pt"}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "t.safetensors"), "np") as f:
+        assert f.metadata() == {"format": "pt"}
     with pytest.raises(ValueError, match="spec says"):
         write_safetensors(tmp_path / "u.safetensors", [("a", "F16", a.shape)], [a])
 
@@ -518,8 +518,7 @@ def test_random_model_loads_in_transformers(dtype, code, tmp_path):
             cfg["vocab_size"], cfg["torch_dtype"], cfg["tie_word_embeddings"]) == (
             3, 64, 4, 2, 32, 96, 300, dtype, False)
     assert cfg["rope_scaling"]["rope_type"] == "llama3"
-    h = read_safetensors_header(out / "model.safetensors")
-    h.pop("__metadata__")
+    h = read_header(out / "model.safetensors")
     assert len(h) == 3 * 9 + 3 and {v["dtype"] for v in h.values()} == {code}
     assert h["model.layers.2.self_attn.q_proj.weight"]["shape"] == [4 * 32, 64]
     assert h["model.layers.0.self_attn.k_proj.weight"]["shape"] == [2 * 32, 64]
@@ -531,7 +530,7 @@ def test_random_model_loads_in_transformers(dtype, code, tmp_path):
     model, info = LlamaForCausalLM.from_pretrained(str(out), dtype=tdtype, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     sd = model.state_dict()
-    raw = read_raw_tensors(out / "model.safetensors")
+    raw = dict(iter_tensors(out / "model.safetensors"))
     for name, arr in raw.items():
         np.testing.assert_array_equal(sd[name].float().numpy(), arr, err_msg=name)
     norm = raw["model.layers.0.input_layernorm.weight"]
@@ -540,20 +539,6 @@ def test_random_model_loads_in_transformers(dtype, code, tmp_path):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits.float()
     assert torch.isfinite(logits).all() and logits.std() > 0.05
-
-
-def read_raw_tensors(path):
-    """Our own reader (header + raw bytes, bf16 widened) to compare with transformers' view."""
-    h = read_safetensors_header(path)
-    h.pop("__metadata__", None)
-    n = int.from_bytes(Path(path).read_bytes()[:8], "little")
-    data = Path(path).read_bytes()[8 + n:]
-    out = {}
-    for name, info in h.items():
-        a, b = info["data_offsets"]
-        arr = np.frombuffer(data[a:b], dtype=convert.ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-        out[name] = bf16_to_f32(arr) if info["dtype"] == "BF16" else arr.astype(np.float32)
-    return out
 
 
 def test_random_defaults_and_cli_subprocess(tmp_path):
