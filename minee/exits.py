@@ -68,7 +68,8 @@ class Gate:
 
     def __str__(self):
         """The spec string parse_gate reads back (options only where not the default)."""
-        value = "" if self.value is None else f":{self.value['path'] if self.kind == 'learned' else self.value}"
+        learned = self.kind == "learned"
+        value = "" if self.value is None else f":{self.value.get('path', '<unsaved>') if learned else self.value}"
         opts = [f",min_point={self.min_point}"] * (self.min_point != 0)
         opts += [f",check_every={self.check_every}"] * (self.check_every != 1)
         opts += [",attn_points=0"] * (not self.attn_points)
@@ -94,17 +95,30 @@ def parse_gate(spec):
         name, _, v = opt.partition("=")
         if name not in ("min_point", "check_every", "attn_points") or not v:
             raise ValueError(f"gate option {opt!r} not understood; use min_point=N, check_every=N, attn_points=0|1")
-        kwargs[name] = bool(int(v)) if name == "attn_points" else int(v)
-    if kind == "learned":
-        parsed = load_learned_gate(value)
-    elif kind == "oracle":
+        number = _number(v, int, name, f"{name}=1")
+        kwargs[name] = bool(number) if name == "attn_points" else number
+    if kind == "oracle":
+        if value:
+            raise ValueError("the oracle gate takes no value; write just 'oracle'")
         parsed = None
+    elif kind == "learned":
+        parsed = load_learned_gate(value)
     else:
-        parsed = int(value) if kind in ("fixed", "patience") else float(value)
+        parsed = _number(value, int if kind in ("fixed", "patience") else float, f"gate {kind!r}",
+                         f"{kind}:{_EXAMPLES[kind]}")
     gate = Gate(kind, parsed, **kwargs)
     if gate.check_every < 1:
         raise ValueError("check_every must be >= 1")
     return gate
+
+
+def _number(text, kind, what, example):
+    """int(text) or float(text), or an error naming what needed the number."""
+    try:
+        return kind(text)
+    except ValueError:
+        need = "an integer" if kind is int else "a number"
+        raise ValueError(f"{what} needs {need}, got {text!r} (e.g. {example})") from None
 
 
 _EXAMPLES = {"fixed": 40, "confidence": 0.9, "margin": 0.5, "entropy": 1.0, "patience": 3,

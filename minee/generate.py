@@ -34,6 +34,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
     """One token id from logits (V,): greedy when temperature == 0, else top-k/top-p sampling."""
     if temperature == 0:
         return int(np.argmax(logits))
+    rng = np.random.default_rng() if rng is None else rng
     z = logits.astype(np.float64) / temperature
     if top_k is not None and top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
@@ -84,6 +85,8 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
     ("copy", "propagate" or "compute", see exits.py). The prompt always runs the full model.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if kv not in ("copy", "propagate", "compute"):
+        raise ValueError(f"unknown kv fill {kv!r}; choose from copy, propagate, compute")
     last_point = 2 * model.config.n_layers - 1
     if exit is None:
         decoder, step = None, lambda token, cache: (model.forward([token], kv_cache=cache)[0, -1], last_point)

@@ -115,6 +115,8 @@ class Model:
     def check_ids(self, ids):
         """Token ids as an int64 (B, T) array, or a clear error."""
         ids = np.asarray(ids)
+        if ids.size == 0:
+            raise ValueError(f"token ids must have shape (T,) or (B, T) with T >= 1, got {ids.shape}")
         if ids.dtype.kind not in "iu":
             raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
         if ids.ndim == 1:
