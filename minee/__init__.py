@@ -4,11 +4,12 @@ from pathlib import Path
 from .config import ConfigError, ModelConfig, load_config
 from .generate import Generation, generate
 from .model import Model, hook_names
+from .threads import get_threads, set_threads
 from .tokenizer import load_tokenizer
 from .weights import WeightsError, load_weights
 
 __all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "hook_names",
-           "ConfigError", "WeightsError"]
+           "ConfigError", "WeightsError", "set_threads", "get_threads"]
 
 
 def resolve(src, progress=True) -> Path:
@@ -24,7 +25,13 @@ def resolve(src, progress=True) -> Path:
 
 
 def load(src, progress=True) -> Model:
-    """Load a Hugging Face LLaMA directory (config.json + *.safetensors [+ tokenizer.json]) or a known name."""
+    """Load a Hugging Face LLaMA directory (config.json + *.safetensors [+ tokenizer.json]) or a known name.
+
+    Also sets NumPy's BLAS to MINEE_THREADS threads (default 1) unless minee.set_threads was
+    called before: see minee/threads.py for why.
+    """
+    from .threads import ensure_threads
+    ensure_threads()
     path = resolve(src, progress)
     config = load_config(path)
     return Model(config, load_weights(path, config), load_tokenizer(path), source=str(src))

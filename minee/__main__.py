@@ -1,9 +1,8 @@
 """Command line: python -m minee generate|lens ... (every command has --json)."""
 import argparse
 import json
+import os
 import sys
-
-from threadpoolctl import threadpool_limits
 
 import minee
 
@@ -98,9 +97,9 @@ def parser():
     def common(cmd):
         cmd.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"model directory or known name (default {DEFAULT_MODEL}, fetched on first use)")
-        cmd.add_argument("--threads", type=int, default=1,
-                         help="BLAS threads (default 1: single-token decode is memory-bound and "
-                              "extra threads often slow it down on small shared machines)")
+        cmd.add_argument("--threads", type=int, default=None,
+                         help="BLAS threads (default: $MINEE_THREADS, else 1; single-token decode is "
+                              "memory-bound and extra threads often slow it down on small shared machines)")
         cmd.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming tokens")
@@ -146,8 +145,9 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        with threadpool_limits(args.threads):
-            args.run(args)
+        minee.set_threads(int(os.environ.get("MINEE_THREADS", "1")) if args.threads is None else args.threads)
+        args.threads = minee.get_threads()
+        args.run(args)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         print(f"minee: error: {e}", file=sys.stderr)
         return 2

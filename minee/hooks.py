@@ -33,7 +33,8 @@ def point_name(p):
 def point_index(name):
     """Hook name -> exit point index (only resid_mid / resid_post are exit points)."""
     parts = name.split(".")
-    if len(parts) != 3 or parts[0] != "blocks" or parts[2] not in ("hook_resid_mid", "hook_resid_post"):
+    if (len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit()
+            or parts[2] not in ("hook_resid_mid", "hook_resid_post")):
         raise KeyError(f"{name!r} is not an exit point; exit points are 'blocks.{{l}}.hook_resid_mid' "
                        "and 'blocks.{l}.hook_resid_post'")
     return 2 * int(parts[1]) + (parts[2] == "hook_resid_post")
