@@ -163,21 +163,17 @@ def subword_buckets(tokenizer, inputs, targets):
     """Bucket (N,) of each target: 0 word-initial, 1 continuation of the previous token's word, 2 other.
 
     A target is a word start when its vocabulary string begins with a word-start marker (Ġ for
-    byte-level BPE, ▁ for SentencePiece) or follows a token that does not end in a letter; it
-    continues a word when it is glued (no marker) to a token ending in a letter.
+    byte-level BPE, ▁ for SentencePiece) or follows a token whose text does not end in a letter;
+    it continues a word when it is glued (no marker) to a token ending in a letter.
     """
-    def raw(i):
-        return tokenizer.hf.id_to_token(int(i)) or ""
-
-    strings = {int(i): raw(i) for i in np.unique(np.concatenate([inputs, targets]))}
+    ids = np.unique(np.concatenate([inputs, targets]))
+    raw = {int(i): tokenizer.hf.id_to_token(int(i)) or "" for i in ids}      # e.g. "Ġworld"
+    text = {int(i): tokenizer.decode([int(i)]) for i in ids}                # e.g. " world"
     out = np.empty(len(targets), dtype=np.int8)
-    for n, (prev, tgt) in enumerate(zip(inputs, targets)):
-        t, p = strings[int(tgt)], strings[int(prev)]
-        marker = t[:1] in ("Ġ", "▁")
-        word = t.lstrip("Ġ▁")[:1].isalpha()
-        if not word:
+    for n, (prev, tgt) in enumerate(zip(inputs.tolist(), targets.tolist())):
+        if not text[tgt].strip()[:1].isalpha():
             out[n] = 2
-        elif marker or not p[-1:].isalpha():
+        elif raw[tgt][:1] in ("Ġ", "▁") or not text[prev][-1:].isalpha():
             out[n] = 0
         else:
             out[n] = 1
