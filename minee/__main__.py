@@ -66,7 +66,7 @@ def cmd_analyze(args):
         raise ValueError(f"{args.model} has no tokenizer.json; the analysis encodes a text corpus")
     res = analyze(model, args.out, corpus=args.corpus, max_tokens=args.max_tokens or None,
                   window=args.window, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
-                  progress=not args.json)
+                  progress=not args.json, reuse=args.reuse)
     if args.json:
         print(json.dumps(res))
         return
@@ -138,6 +138,8 @@ def parser():
     an.add_argument("--window", type=int, default=256, help="tokens scored per forward pass")
     an.add_argument("--gen-prompts", type=int, default=8, help="prompts for E5 generation (0 = skip)")
     an.add_argument("--gen-tokens", type=int, default=48, help="tokens generated per E5 prompt")
+    an.add_argument("--reuse", action="store_true",
+                    help="reuse OUT/teacher_forced.npz from an earlier run on the same tokens")
     an.set_defaults(run=cmd_analyze)
     return p
 

@@ -267,8 +267,10 @@ def e6_learned(tf, min_point=None, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
 # ------------------------------------------------------------------ everything, to files
 
 def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompts=8, gen_tokens=48,
-            gen_gate="oracle", progress=True):
-    """Run E1-E6 on the corpus and write analysis.json and one PNG per experiment into out_dir."""
+            gen_gate="oracle", progress=True, reuse=False):
+    """Run E1-E6 on the corpus and write analysis.json, one PNG per experiment and the
+    teacher-forced table (teacher_forced.npz) into out_dir. reuse: take the table from a
+    previous run in out_dir if it was made from the same tokens and window."""
     import json
 
     from . import plots
@@ -277,7 +279,10 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
     ids = corpus_ids(model.tokenizer, corpus, max_tokens)
     if len(ids) < 2:
         raise ValueError("the corpus encodes to fewer than 2 tokens; give a longer text")
-    tf, ppl = teacher_forced(model, ids, window=window, progress=progress)
+    tf, ppl = load_table(out / "teacher_forced.npz", ids, window) if reuse else (None, None)
+    if tf is None:
+        tf, ppl = teacher_forced(model, ids, window=window, progress=progress)
+        save_table(out / "teacher_forced.npz", tf, ppl, ids, window)
     P = tf.top1.shape[0]
     gates = default_gate_sweep(P)
     e3_gates = [g for g in gates if str(g) in (str(Gate("confidence", 0.9, min_point=2 * P // 3 - 1)), "oracle")]
@@ -309,6 +314,21 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
     import matplotlib.pyplot as plt
     plt.close("all")
     return res
+
+
+def save_table(path, tf, perplexity, ids, window):
+    np.savez_compressed(path, perplexity=perplexity, ids=ids, window=window,
+                        **{k: getattr(tf, k) for k in TeacherForced.__dataclass_fields__})
+
+
+def load_table(path, ids, window):
+    """(table, perplexity) saved by save_table for these ids and window, else (None, None)."""
+    if not Path(path).is_file():
+        return None, None
+    z = np.load(path)
+    if int(z["window"]) != window or not np.array_equal(z["ids"], ids):
+        return None, None
+    return TeacherForced(**{k: z[k] for k in TeacherForced.__dataclass_fields__}), float(z["perplexity"])
 
 
 def head_cost_in_layers(config):

@@ -161,6 +161,19 @@ def test_analyze_cli_writes_every_file(tiny_with_tokenizer, tmp_path, capsys):
     assert res["e1"]["tokens"] == 79 and res["e5"]["prompts"] == 2
     written = sorted(p.name for p in out.iterdir())
     assert written == ["analysis.json", "e1_lens_curves.png", "e1_oracle_hist.png", "e2_gates.png",
-                       "e3_subword.png", "e4_sublayer.png", "e5_generation.png", "e6_learned.png"]
+                       "e3_subword.png", "e4_sublayer.png", "e5_generation.png", "e6_learned.png",
+                       "teacher_forced.npz"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_analyze_reuses_the_table_only_for_the_same_tokens(tiny_with_tokenizer, tmp_path, monkeypatch):
+    model = minee.load(tiny_with_tokenizer)
+    first = analysis.analyze(model, tmp_path, max_tokens=30, window=16, gen_prompts=0, progress=False)
+    calls = []
+    real = analysis.teacher_forced
+    monkeypatch.setattr(analysis, "teacher_forced", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = analysis.analyze(model, tmp_path, max_tokens=30, window=16, gen_prompts=0, progress=False, reuse=True)
+    assert calls == [] and again["e1"] == first["e1"]
+    analysis.analyze(model, tmp_path, max_tokens=31, window=16, gen_prompts=0, progress=False, reuse=True)
+    assert calls == [1]                                  # other tokens: computed afresh
