@@ -27,6 +27,8 @@ def exit_point_names(n_layers):
 
 def point_name(p):
     """Exit point index -> hook name."""
+    if p < 0:
+        raise ValueError(f"exit points count from 0, got {p}")
     return f"blocks.{p // 2}.hook_resid_{'mid' if p % 2 == 0 else 'post'}"
 
 

@@ -110,7 +110,12 @@ def decode_points(model, states, final, targets, k=0):
 
 def lens(model, ids, k=5):
     """The lens of one sequence `ids` (T,): every exit point decoded at every position."""
-    ids = [int(i) for i in model.check_ids(ids)[0]]
+    ids = model.check_ids(ids)
+    if ids.shape[0] != 1:
+        raise ValueError(f"lens() reads one sequence, got a batch of {ids.shape[0]}; call it per row")
+    if k < 1:
+        raise ValueError(f"k (top tokens per cell) must be >= 1, got {k}")
+    ids = [int(i) for i in ids[0]]
     final, states = exit_states(model, ids)                              # (T, V), (P, T, D)
     targets = np.array(ids[1:] + [-1])                                   # next gold token, none at the end
     m = decode_points(model, states, final, targets, k)
@@ -126,6 +131,8 @@ def corpus_lens(model, ids, window=256, progress=True):
     """Lens metrics averaged over a long token sequence, in non-overlapping windows: name -> (P,)."""
     from tqdm.auto import tqdm
     ids = np.asarray(ids)
+    if len(ids) < 2:
+        raise ValueError(f"corpus_lens needs at least 2 tokens (an input and its next token), got {len(ids)}")
     sums, counts = {}, {}
     starts = range(0, len(ids) - 1, window)
     for s in tqdm(starts, desc="lens", unit="window", disable=not progress):
