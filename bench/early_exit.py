@@ -42,7 +42,7 @@ SWEEP = (
     + [f"fixed:{p}" for p in (47, 51, 55, 57)]
     + ["confidence:0.9,min_point=1"]                     # the naive gate: the LM head at every point
 )
-QUICK_SWEEP = [f"confidence:0.85{LATE}", f"cosine:0.95,min_point=30", "fixed:55"]
+QUICK_SWEEP = [f"confidence:0.85{LATE}", "cosine:0.95,min_point=30", "fixed:55"]
 
 
 def plain_decode(model, prompt_ids, n):

@@ -5,7 +5,6 @@ The reference is always transformers computing the same thing from the same GGUF
 """
 
 import json
-import os
 import subprocess
 import sys
 import zipfile

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from threadpoolctl import threadpool_limits
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import minee
+from helpers import random_llama
 from minee.__main__ import main
 from minee.exits import (ExitDecoder, Gate, first_match_point, learned_prob, load_learned_gate,
                          logit_features, parse_gate, patience_runs, save_learned_gate, stable_point,
@@ -37,20 +38,10 @@ def tiny(tmp_path_factory):
     """(checkpoint dir, transformers twin, minee model): 4 blocks, GQA, untied head. The LM head is
     drawn a bit wider (std 0.3) so that intermediate points give varied, sometimes confident predictions."""
     path = tmp_path_factory.mktemp("tiny_exits")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
-                      num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=128,
-                      rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                      tie_word_embeddings=False)
-    ref = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                torch.nn.init.normal_(p, std=0.3 if "lm_head" in name else 0.1)
-    ref.save_pretrained(path)
-    ref = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ref = random_llama(path, head_std=0.3, vocab_size=V, hidden_size=D, intermediate_size=F,
+                       num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KV,
+                       max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=None,
+                       eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
     return path, ref, minee.load(path)
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import minee
+from helpers import random_llama
 from minee.__main__ import main
 from minee.generate import sample
 
@@ -26,19 +27,11 @@ BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_laye
 def make_checkpoint(path, seed=0, **overrides):
     """A tiny random LLaMA saved to path with a word-level tokenizer ('w0' .. 'w255'); returns the
     transformers model reloaded from disk."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**BASE, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                torch.nn.init.normal_(p, std=0.1)
-    model.save_pretrained(path)
+    ref = random_llama(path, seed=seed, **{**BASE, **overrides})
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(path / "tokenizer.json"))
-    return reference(path)
+    return ref
 
 
 def reference(path):

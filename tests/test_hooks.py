@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import minee
+from helpers import random_llama
 from minee.hooks import exit_point_names, point_index, point_name
 
 torch = pytest.importorskip("torch")
@@ -42,22 +43,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(minee model, transformers model) for a random 3-layer LLaMA written by transformers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=TINY_LAYERS,
+    out = tmp_path_factory.mktemp("tiny_llama")
+    hf = random_llama(out, vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=TINY_LAYERS,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf = LlamaForCausalLM(cfg).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))          # norms matter, but stay near 1
-            else:
-                torch.nn.init.normal_(p, std=0.1)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    hf.save_pretrained(out)
     return minee.load(out), hf
 
 

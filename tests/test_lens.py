@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import minee
+from helpers import random_llama
 from minee.hooks import exit_point_names, point_label
 from minee.lens import corpus_lens, lens, lens_metrics, top_k
 
@@ -40,22 +41,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(minee model, transformers model): a random 2-layer LLaMA built and saved by transformers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    out = tmp_path_factory.mktemp("tiny_lens")
+    hf = random_llama(out, seed=1, vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf = LlamaForCausalLM(cfg).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                torch.nn.init.normal_(p, std=0.1)
-    out = tmp_path_factory.mktemp("tiny_lens")
-    hf.save_pretrained(out)
     return minee.load(out), hf
 
 

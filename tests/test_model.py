@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import minee
+from helpers import random_llama
 
 # A tiny GQA LLaMA: 2 layers, D=64, 4 query heads / 2 KV heads (hd=16), F=128, V=256.
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -27,19 +28,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 def make_checkpoint(path, dtype=torch.float32, max_shard_size=None, seed=0, std=0.08, **overrides):
     """Save a tiny random LlamaForCausalLM (in `dtype`) to path; return the float32 transformers
     model reloaded from that checkpoint, so the reference sees exactly the rounded weights."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**BASE, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                torch.nn.init.normal_(p, std=0.05)
-            else:
-                torch.nn.init.normal_(p, std=std)
-    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.to(dtype).save_pretrained(path, **kwargs)
-    return reload_reference(path)
+    return random_llama(path, seed=seed, std=std, dtype=dtype, max_shard_size=max_shard_size,
+                        **{**BASE, **overrides})
 
 
 def reload_reference(path):
