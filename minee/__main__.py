@@ -90,6 +90,29 @@ def cmd_analyze(args):
     print(f"figures and analysis.json written to {args.out}", file=sys.stderr)
 
 
+def cmd_train_gate(args):
+    import numpy as np
+
+    from .analysis import corpus_ids, gate_training_data, teacher_forced
+    from .exits import save_learned_gate, train_learned_gate
+    model = minee.load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; training the gate encodes a text corpus")
+    ids = corpus_ids(model.tokenizer, args.corpus, args.max_tokens or None)
+    tf, ppl = teacher_forced(model, ids, window=args.window, progress=not args.json)
+    P = 2 * model.config.n_layers
+    feats, labels = gate_training_data(tf, np.arange(args.min_point, P - 1))
+    params = train_learned_gate(feats, labels, threshold=args.threshold)
+    save_learned_gate(params, args.out)
+    spec = f"learned:{args.out},min_point={args.min_point}"
+    if args.json:
+        print(json.dumps({"out": args.out, "spec": spec, "tokens": int(len(ids)), "perplexity": ppl,
+                          "positive_share": float(labels.mean())}))
+    else:
+        print(f"trained on {len(ids)} tokens x {P - 1 - args.min_point} points "
+              f"({labels.mean():.1%} safe exits); use it with --exit {spec}")
+
+
 def parser():
     p = argparse.ArgumentParser(prog="python -m minee", description=minee.__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +164,17 @@ def parser():
     an.add_argument("--reuse", action="store_true",
                     help="reuse OUT/teacher_forced.npz from an earlier run on the same tokens")
     an.set_defaults(run=cmd_analyze)
+
+    tg = sub.add_parser("train-gate", help="train the learned early-exit gate on teacher-forced corpus data")
+    common(tg)
+    tg.add_argument("--out", required=True, help="gate file to write (JSON), for --exit learned:OUT")
+    tg.add_argument("--corpus", default=None, help="text file (default: minee's evaluation corpus)")
+    tg.add_argument("--max-tokens", type=int, default=2048, help="corpus tokens to train on (0 = all)")
+    tg.add_argument("--window", type=int, default=256)
+    tg.add_argument("--min-point", type=int, default=0, help="train on exit points from this one on")
+    tg.add_argument("--threshold", type=float, default=0.8,
+                    help="exit when P(exit gives the final token) >= this (stored in the file)")
+    tg.set_defaults(run=cmd_train_gate)
     return p
 
 

@@ -177,3 +177,18 @@ def test_analyze_reuses_the_table_only_for_the_same_tokens(tiny_with_tokenizer, 
     assert calls == [] and again["e1"] == first["e1"]
     analysis.analyze(model, tmp_path, max_tokens=31, window=16, gen_prompts=0, progress=False, reuse=True)
     assert calls == [1]                                  # other tokens: computed afresh
+
+
+def test_train_gate_cli_writes_a_gate_generate_can_use(tiny_with_tokenizer, tmp_path, capsys):
+    from minee.__main__ import main
+    from minee.exits import load_learned_gate
+    gate = tmp_path / "gate.json"
+    assert main(["train-gate", "--model", str(tiny_with_tokenizer), "--out", str(gate), "--max-tokens", "60",
+                 "--window", "30", "--min-point", "1", "--threshold", "0.7", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["spec"] == f"learned:{gate},min_point=1" and res["tokens"] == 60
+    params = load_learned_gate(gate)
+    assert params["threshold"] == 0.7 and len(params["w"]) == 5
+    model = minee.load(tiny_with_tokenizer)
+    out = minee.generate(model, "Hello there", 4, exit=res["spec"], stop_at_eos=False)
+    assert len(out.exit_points) == 4 and min(out.exit_points[1:]) >= 1
