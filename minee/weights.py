@@ -3,8 +3,8 @@
 A .safetensors file is: 8 bytes (little-endian u64) header length, a JSON header
 {name: {dtype, shape, data_offsets}}, then the raw tensor bytes. We read it ourselves
 because NumPy has no bfloat16: bf16 is the top half of a float32, so widening the raw
-uint16 by a 16-bit shift is exact. Tensors are converted one at a time from a memory
-map, so peak memory stays close to the float32 model size.
+uint16 by a 16-bit shift is exact. Tensors are read and converted one at a time, so
+peak memory stays close to the float32 model size.
 """
 import json
 import struct
@@ -60,24 +60,32 @@ def safetensors_files(model_dir) -> list:
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Widen F16/BF16 (BF16 given as its raw uint16 bits) to a new float32 array."""
     if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        wide = raw.astype(np.uint32)
+        wide <<= 16                                       # in place: no second full-size copy
+        return wide.view(np.float32)
     return raw.astype(np.float32)
 
 
 def iter_tensors(path):
-    """Yield (name, float32 array) for every tensor in one .safetensors file."""
+    """Yield (name, float32 array) for every tensor in one .safetensors file.
+
+    Each tensor is read straight into its own new array (F32) or into a raw buffer that is
+    widened (F16/BF16), so loading holds the float32 model plus at most one raw tensor.
+    """
     header = read_header(path)
     with open(path, "rb") as f:
         data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
-    for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise WeightsError(f"tensor {name} in {path} has dtype {info['dtype']}; minee reads "
-                               f"{', '.join(_DTYPES)}")
-        begin, end = info["data_offsets"]
-        raw = data[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-        yield name, to_float32(raw, info["dtype"])
-    del data
+        for name, info in header.items():
+            if info["dtype"] not in _DTYPES:
+                raise WeightsError(f"tensor {name} in {path} has dtype {info['dtype']}; minee reads "
+                                   f"{', '.join(_DTYPES)}")
+            raw = np.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            f.seek(data_start + begin)
+            if end - begin != raw.nbytes or f.readinto(memoryview(raw.reshape(-1)).cast("B")) != raw.nbytes:
+                raise WeightsError(f"tensor {name} in {path} is truncated or its header is inconsistent; "
+                                   "download the file again")
+            yield name, raw if info["dtype"] == "F32" else to_float32(raw, info["dtype"])
 
 
 def expected_shapes(config) -> dict:

@@ -338,3 +338,24 @@ def test_observing_hooks_do_not_change_logits(gqa):
     hooks = {name: (lambda x, name: seen.append(name)) for name in model.hook_names}
     np.testing.assert_array_equal(model.forward(ids, hooks=hooks), model.forward(ids))
     assert seen == model.hook_names
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_peak_memory_stays_near_the_float32_size(tmp_path, dtype):
+    """Loading holds the float32 model plus at most one raw tensor: peak <= 1.3x the float32 size."""
+    import subprocess
+    import sys
+
+    import weights_tool
+    weights_tool.make_random_model(tmp_path, layers=4, d_model=512, heads=8, kv_heads=4, ffn=2048,
+                                   vocab=32000, untied=True, dtype=dtype)
+    fp32_bytes = 4 * minee.load_config(tmp_path).n_params
+    probe = ("import minee, resource\n"
+             "def kb(key):\n"
+             "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+             "base = kb('VmRSS:')\n"
+             f"minee.load({str(tmp_path)!r})\n"
+             "print(base, kb('VmHWM:'))\n")
+    base, peak = map(int, subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                         check=True).stdout.split())
+    assert (peak - base) * 1024 <= 1.3 * fp32_bytes, (peak - base) * 1024 / fp32_bytes
