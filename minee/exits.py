@@ -8,7 +8,6 @@ each candidate point (confidence, margin, entropy, top-1, cosine to the previous
 says "exit here" or "go on".
 """
 import json
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -217,7 +216,6 @@ class ExitStats:
     points: list = field(default_factory=list)
     lm_head_calls: int = 0
     flops: float = 0.0
-    seconds: float = 0.0
 
     def summary(self, config):
         n = max(len(self.points), 1)
@@ -256,14 +254,12 @@ class ExitDecoder:
         return x + self.model.mlp_sublayer(l, x)
 
     def step(self, token, kv):
-        t0 = time.perf_counter()
         kv.check_room(1, 1)
         pos, self.cost = kv.length, flops(self.model.config, kv.length + 1)
         x = self.model.embed_tokens[np.array([[token]])]                     # (1, 1, D)
         p, logits = self._oracle(x, pos, kv) if self.gate.kind == "oracle" else self._gated(x, pos, kv)
         kv.length += 1
         self.stats.points.append(p)
-        self.stats.seconds += time.perf_counter() - t0
         return logits, p
 
     def _run(self, p, x, pos, kv):
