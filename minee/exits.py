@@ -229,11 +229,12 @@ class ExitStats:
 
 
 class ExitDecoder:
-    """Decodes one token at a time with early exit; keeps the gate's state and the stats.
+    """Decodes one position at a time with early exit; keeps the gate's settings and the stats.
 
-    step(token, kv) runs the sub-layers in order, checks the gate at its candidate points,
-    stops at the first "exit", fills the skipped layers' keys/values (kv mode) and returns the
-    logits (V,) at the exit point.
+    step_batch(tokens, kv) runs the sub-layers in order for B sequences at once, checks the gate
+    at its candidate points, keeps each row's state at the point where it exits, fills the
+    skipped blocks' keys/values (kv mode) and returns the logits (B, V) at the exit points. The
+    batch is vectorized, so a step lasts until its slowest row exits; step(token, kv) is B=1.
     """
 
     def __init__(self, model, gate, kv="copy"):
@@ -247,85 +248,110 @@ class ExitDecoder:
         self.stats = ExitStats()
 
     def sublayer(self, p, x, pos, kv):
-        """Residual after exit point p given the residual before it: x (1, 1, D)."""
+        """Residual after exit point p given the residual before it: x (B, 1, D)."""
         l = p // 2
         if p % 2 == 0:
             return x + self.model.attn_sublayer(l, x, pos, kv)
         return x + self.model.mlp_sublayer(l, x)
 
     def step(self, token, kv):
-        kv.check_room(1, 1)
+        """One token of one sequence -> (logits (V,), exit point)."""
+        logits, points = self.step_batch([token], kv)
+        return logits[0], int(points[0])
+
+    def step_batch(self, tokens, kv):
+        """One new position for each of B sequences: tokens (B,) -> logits (B, V), exit points (B,)."""
+        tokens = np.asarray(tokens).reshape(-1)
+        kv.check_room(len(tokens), 1)
         pos, self.cost = kv.length, flops(self.model.config, kv.length + 1)
-        x = self.model.embed_tokens[np.array([[token]])]                     # (1, 1, D)
-        p, logits = self._oracle(x, pos, kv) if self.gate.kind == "oracle" else self._gated(x, pos, kv)
+        x = self.model.embed_tokens[tokens][:, None, :]                       # (B, 1, D)
+        run = self._oracle if self.gate.kind == "oracle" else self._gated
+        points, states, logits = run(x, pos, kv)
+        self.fill_skipped(points, states, pos, kv)
         kv.length += 1
-        self.stats.points.append(p)
-        return logits, p
+        self.stats.points.extend(points.tolist())
+        return logits, points
 
     def _run(self, p, x, pos, kv):
-        """sublayer() plus its cost in the stats."""
-        self.stats.flops += self.cost["attn" if p % 2 == 0 else "mlp"]
+        """sublayer() plus its cost (for every row computed) in the stats."""
+        self.stats.flops += len(x) * self.cost["attn" if p % 2 == 0 else "mlp"]
         return self.sublayer(p, x, pos, kv)
 
     def _unembed(self, x):
-        """Logits (V,) of state x (1, 1, D), with the LM head's cost in the stats."""
-        self.stats.lm_head_calls += 1
-        self.stats.flops += self.cost["lm_head"]
-        return self.model.unembed(x)[0, -1]
+        """Logits (n, V) of states x (n, 1, D), with the LM head's cost in the stats."""
+        self.stats.lm_head_calls += len(x)
+        self.stats.flops += len(x) * self.cost["lm_head"]
+        return self.model.unembed(x)[:, -1]
 
     def _gated(self, x, pos, kv):
-        """Run sub-layers until the gate says exit at a candidate point (or the last point)."""
-        last, prev_top1, run = self.n_points - 1, None, 0
+        """Run sub-layers until every row's gate said exit at a candidate point (or the last point).
+
+        Returns exit points (B,), exit states (B, 1, D) and their logits (B, V)."""
+        B, last = len(x), self.n_points - 1
+        points, states = np.full(B, last), x.copy()
+        done, decoded = np.zeros(B, bool), np.zeros(B, bool)          # exited; logits already computed
+        logits = np.zeros((B, self.model.config.vocab_size), np.float32)
+        prev_top1, run = np.full(B, -1), np.zeros(B, dtype=np.int64)
         for p in range(self.n_points):
-            before, x = x, self._run(p, x, pos, kv)
+            if done.all() and self.kv_mode != "compute":              # compute: finish for an exact cache
+                break
+            before, x = x, self._run(p, x, pos, kv)                   # exited rows ride along, unused
             if p == last or p not in self.candidates:
                 continue
-            f = {"depth": np.float64(p / last), "cosine": cosine(x[0, 0], before[0, 0])}
-            logits = None
+            live = ~done
+            f = {"depth": np.full(B, p / last), "cosine": cosine(x[:, 0], before[:, 0])}
             if self.gate.needs_logits:
-                logits = self._unembed(x)
+                logits[live] = self._unembed(x[live])
                 f.update(logit_features(log_softmax(logits)))
-                run = run + 1 if f["top1"] == prev_top1 else 1
+                run = np.where(f["top1"] == prev_top1, run + 1, 1)
                 prev_top1, f["run"] = f["top1"], run
-            if self.gate.decide(f):
-                self.fill_skipped(p, x, pos, kv)
-                return p, (self._unembed(x) if logits is None else logits)
-        return last, self._unembed(x)
+            exit_now = np.asarray(self.gate.decide(f), dtype=bool) & live
+            points[exit_now], states[exit_now] = p, x[exit_now]
+            decoded |= exit_now & self.gate.needs_logits
+            done |= exit_now
+        states[~done] = x[~done]
+        if (~decoded).any():
+            logits[~decoded] = self._unembed(states[~decoded])
+        return points, states, logits
 
     def _oracle(self, x, pos, kv):
-        """Run every point, then exit in hindsight at the first point from which the top-1 stays
-        final. The stats count what an ideal gate would pay: the sub-layers up to p, one LM head."""
+        """Run every point, then exit in hindsight at each row's first point from which the top-1
+        stays final. The stats count what an ideal gate would pay: the sub-layers up to p, one LM head."""
         states = []
         for p in range(self.n_points):
             x = self.sublayer(p, x, pos, kv)
-            states.append(x)
-        top1 = self.model.unembed(np.concatenate(states)).argmax(-1)       # (P, 1)
-        p = int(stable_point(top1)[0])
-        self.stats.flops += sum(self.cost["attn" if q % 2 == 0 else "mlp"] for q in range(p + 1))
-        if self.kv_mode != "compute":                    # the full pass left an exact cache
-            self.fill_skipped(p, states[p], pos, kv)
-        return p, self._unembed(states[p])
+            states.append(x[:, 0])
+        states = np.stack(states)                                          # (P, B, D)
+        points = stable_point(self.model.unembed(states).argmax(-1))        # (B,)
+        sub = np.array([self.cost["attn" if q % 2 == 0 else "mlp"] for q in range(self.n_points)])
+        self.stats.flops += float(np.cumsum(sub)[points].sum())
+        exit_states = states[points, np.arange(len(points))][:, None]       # (B, 1, D)
+        return points, exit_states, self._unembed(exit_states)
 
-    def fill_skipped(self, p, x, pos, kv):
-        """Keys/values at position pos for the blocks after the exit (block p//2 + 1 onwards)."""
-        l_exit, model = p // 2, self.model
-        deeper = range(l_exit + 1, model.config.n_layers)
-        if self.kv_mode == "copy":                         # the exit block's K/V, reused in every deeper block
-            for l in deeper:
-                kv.keys[l, :, :, pos] = kv.keys[l_exit, :, :, pos]
-                kv.values[l, :, :, pos] = kv.values[l_exit, :, :, pos]
-        elif self.kv_mode == "propagate":                  # CALM: the exit state through each block's K/V projections
-            for l in deeper:
-                k, v = kv_projection(model, l, x, pos)
-                kv.write(l, k, v, pos)
-                self.stats.flops += self.cost["kv_project"]
-        else:                                              # compute: finish the pass for an exact cache
-            for q in range(p + 1, self.n_points):
-                x = self._run(q, x, pos, kv)
+    def fill_skipped(self, points, states, pos, kv):
+        """Keys/values at position pos for the blocks after each row's exit block (points // 2).
+
+        compute: nothing to do, every block ran for every row. Otherwise rows that exited before
+        the batch's slowest row have K/V of their running state in the blocks the loop reached;
+        every skipped block is overwritten here."""
+        if self.kv_mode == "compute":
+            return
+        l_exit = points // 2
+        for l in range(1, self.model.config.n_layers):
+            rows = np.flatnonzero(l_exit < l)
+            if not rows.size:
+                continue
+            if self.kv_mode == "copy":                 # the exit block's K/V, reused in every deeper block
+                kv.keys[l, rows, :, pos] = kv.keys[l_exit[rows], rows, :, pos]
+                kv.values[l, rows, :, pos] = kv.values[l_exit[rows], rows, :, pos]
+            else:                                      # propagate (CALM): the exit state through block l's K/V projections
+                k, v = kv_projection(self.model, l, states[rows], pos)
+                kv.keys[l, rows, :, pos], kv.values[l, rows, :, pos] = k[:, :, 0], v[:, :, 0]
+                self.stats.flops += len(rows) * self.cost["kv_project"]
 
 
 def kv_projection(model, l, x, pos):
-    """Block l's keys and values (1, KV, 1, hd) for residual x (1, 1, D) at position pos."""
+    """Block l's keys and values (n, KV, 1, hd) for residual states x (n, 1, D) at position pos."""
     w, c = model.layers[l], model.config
     h = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)
     k = model.split_heads(linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")))

@@ -84,40 +84,67 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
     early on every decoded token; kv: how the skipped layers' keys/values are filled
     ("copy", "propagate" or "compute", see exits.py). The prompt always runs the full model.
     """
+    return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, chat,
+                          stop_at_eos, on_text, exit, kv)[0]
+
+
+def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
+                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy"):
+    """generate() for B prompts of the same token length at once: one Generation per prompt.
+
+    Every step decodes all rows together (one matmul per weight), early exit included: a row that
+    exits is frozen while the others go on. Rows that finished (EOS) keep being fed until the
+    last one finishes; the stats count every row of every step.
+    """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if kv not in ("copy", "propagate", "compute"):
         raise ValueError(f"unknown kv fill {kv!r}; choose from copy, propagate, compute")
+    if on_text is not None and len(prompts) != 1:
+        raise ValueError("on_text streams one sequence; pass a single prompt to stream")
+    ids = [encode_prompt(model, p, chat) for p in prompts]
+    if len({len(i) for i in ids}) != 1:
+        raise ValueError(f"generate_batch needs prompts of equal token length (got {sorted({len(i) for i in ids})}); "
+                         "minee has no padding masks, so batch prompts of the same length or call generate per prompt")
+    B, T = len(ids), len(ids[0])
+    if T + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {model.config.max_position_embeddings} positions")
     last_point = 2 * model.config.n_layers - 1
     if exit is None:
-        decoder, step = None, lambda token, cache: (model.forward([token], kv_cache=cache)[0, -1], last_point)
+        decoder = None
+
+        def step(tokens, cache):
+            return model.forward(np.array(tokens)[:, None], kv_cache=cache)[:, -1], np.full(B, last_point)
     else:
         from .exits import ExitDecoder
         decoder = ExitDecoder(model, exit, kv)
-        step = decoder.step
-    ids = encode_prompt(model, prompt, chat)
-    total = len(ids) + max_new_tokens
-    if total > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {model.config.max_position_embeddings} positions")
+        step = decoder.step_batch
     rng = np.random.default_rng(seed)
-    cache = model.new_kv_cache(1, total)
-    stream, tokens, points = TextStream(model.tokenizer), [], [last_point]
+    cache = model.new_kv_cache(B, T + max_new_tokens)
+    stream = TextStream(model.tokenizer)
+    tokens, points = [[] for _ in range(B)], [[last_point] for _ in range(B)]
+    finished = np.zeros(B, bool)
     t0 = time.perf_counter()
-    logits = model.forward(ids, kv_cache=cache)[0, -1]                       # prefill: (V,)
+    logits = model.forward(np.array(ids), kv_cache=cache)[:, -1]             # prefill: (B, V)
     t1 = time.perf_counter()
     while True:
-        token = sample(logits, temperature, top_k, top_p, rng)
-        tokens.append(token)
+        new = [sample(row, temperature, top_k, top_p, rng) for row in logits]
+        for b in np.flatnonzero(~finished):
+            tokens[b].append(new[b])
+            finished[b] = len(tokens[b]) == max_new_tokens or (stop_at_eos and new[b] in model.config.eos_token_ids)
         if on_text is not None:
-            on_text(stream.push(token))
-        if len(tokens) == max_new_tokens or (stop_at_eos and token in model.config.eos_token_ids):
+            on_text(stream.push(new[0]))
+        if finished.all():
             break
-        logits, point = step(token, cache)                                     # decode one: (V,)
-        points.append(point)
+        live = ~finished
+        logits, exit_points = step(new, cache)                                 # decode one position: (B, V)
+        for b in np.flatnonzero(live):
+            points[b].append(int(exit_points[b]))
     t2 = time.perf_counter()
-    text = model.tokenizer.decode(tokens) if model.tokenizer else ""
-    stats = {"prompt_tokens": len(ids), "new_tokens": len(tokens), "prefill_s": t1 - t0,
-             "decode_s": t2 - t1, "decode_tokens_per_s": (len(tokens) - 1) / (t2 - t1) if len(tokens) > 1 else None}
+    n_new = sum(len(t) for t in tokens)
+    stats = {"prompt_tokens": T, "new_tokens": n_new, "prefill_s": t1 - t0,
+             "decode_s": t2 - t1, "decode_tokens_per_s": (n_new - B) / (t2 - t1) if n_new > B else None}
     if decoder is not None:
         stats.update(gate=str(decoder.gate), kv=kv, **decoder.stats.summary(model.config))
-    return Generation(ids, tokens, text, stats, points)
+    return [Generation(i, t, model.tokenizer.decode(t) if model.tokenizer else "", dict(stats), pts)
+            for i, t, pts in zip(ids, tokens, points)]
