@@ -153,12 +153,15 @@ def parser():
                     help="plot only block outputs (odd points), not the after-attention points")
     le.set_defaults(run=cmd_lens)
 
+    def corpus(cmd, max_tokens):
+        cmd.add_argument("--corpus", default=None, help="text file (default: minee's evaluation corpus)")
+        cmd.add_argument("--max-tokens", type=int, default=max_tokens, help="corpus tokens to use (0 = all)")
+        cmd.add_argument("--window", type=int, default=256, help="tokens scored per forward pass")
+
     an = sub.add_parser("analyze", help="the paper's experiments E1-E6 over a corpus, to JSON + PNG")
     common(an)
+    corpus(an, 4096)
     an.add_argument("--out", required=True, help="output directory")
-    an.add_argument("--corpus", default=None, help="text file (default: minee's evaluation corpus)")
-    an.add_argument("--max-tokens", type=int, default=4096, help="corpus tokens to use (0 = all)")
-    an.add_argument("--window", type=int, default=256, help="tokens scored per forward pass")
     an.add_argument("--gen-prompts", type=int, default=8, help="prompts for E5 generation (0 = skip)")
     an.add_argument("--gen-tokens", type=int, default=48, help="tokens generated per E5 prompt")
     an.add_argument("--reuse", action="store_true",
@@ -167,10 +170,8 @@ def parser():
 
     tg = sub.add_parser("train-gate", help="train the learned early-exit gate on teacher-forced corpus data")
     common(tg)
+    corpus(tg, 2048)
     tg.add_argument("--out", required=True, help="gate file to write (JSON), for --exit learned:OUT")
-    tg.add_argument("--corpus", default=None, help="text file (default: minee's evaluation corpus)")
-    tg.add_argument("--max-tokens", type=int, default=2048, help="corpus tokens to train on (0 = all)")
-    tg.add_argument("--window", type=int, default=256)
     tg.add_argument("--min-point", type=int, default=0, help="train on exit points from this one on")
     tg.add_argument("--threshold", type=float, default=0.8,
                     help="exit when P(exit gives the final token) >= this (stored in the file)")

@@ -51,7 +51,7 @@ def hf_smollm2(_gguf_alone):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)              # 2 threads thrash on a shared 2-core machine
     logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
         str(_gguf_alone.parent), gguf_file=_gguf_alone.name, dtype=torch.float32)
@@ -64,3 +64,24 @@ def hf_smollm2_tokenizer(_gguf_alone):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(_gguf_alone.parent), gguf_file=_gguf_alone.name)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir, hf_smollm2):
+    """(minee model, transformers twin) of SmolLM2-135M."""
+    import minee
+
+    return minee.load(smollm2_dir), hf_smollm2
+
+
+@pytest.fixture
+def one_thread():
+    """One BLAS and one torch thread for a test (2 threads thrash on a loaded 2-core box); restored after."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)

@@ -6,13 +6,13 @@ tiny model (built and saved by transformers, loaded by minee) and on SmolLM2-135
 """
 import numpy as np
 import pytest
+import torch
 
 import minee
 from helpers import random_llama
 from minee.hooks import exit_point_names, point_index, point_name
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_LAYERS = 3
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
@@ -26,20 +26,6 @@ TOL = {"tiny": 1e-5, "smollm2": 1e-4}
 # ----------------------------------------------------------------------------- models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One BLAS / torch thread during each test: on a shared 2-core machine two threads per
-    process can be many times slower (design.md pitfall 7). Function scope, so it applies after
-    session fixtures (conftest's hf_smollm2 sets 2 torch threads); restored afterwards."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(minee model, transformers model) for a random 3-layer LLaMA written by transformers."""
@@ -51,11 +37,6 @@ def tiny(tmp_path_factory):
     return minee.load(out), hf
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_dir, hf_smollm2):
-    return minee.load(smollm2_dir), hf_smollm2
-
-
 @pytest.fixture(params=["tiny", "smollm2"])
 def pair(request):
     """(kind, minee model, transformers model, token ids (T,)) for both models."""
@@ -64,7 +45,6 @@ def pair(request):
         ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 11)
     else:
         model, hf = request.getfixturevalue("smol")
-        torch.set_num_threads(1)                  # loading hf_smollm2 may have just set 2
         ids = np.array(model.tokenizer.encode(PROMPT))
     return request.param, model, hf, ids
 

@@ -9,14 +9,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import minee
 from helpers import random_llama
 from minee.hooks import exit_point_names, point_label
 from minee.lens import corpus_lens, lens, lens_metrics, top_k
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 F = torch.nn.functional
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
@@ -24,18 +24,6 @@ TOL = {"tiny": 1e-5, "smollm2": 1e-4}          # max |diff| / max |ref|, fp32 (s
 
 
 # ----------------------------------------------------------------------------- models
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One BLAS / torch thread per test (2 threads thrash on a loaded 2-core box); restored after."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +37,6 @@ def tiny(tmp_path_factory):
     return minee.load(out), hf
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_dir, hf_smollm2):
-    return minee.load(smollm2_dir), hf_smollm2
-
-
 @pytest.fixture(params=["tiny", "smollm2"])
 def pair(request):
     """(kind, minee model, transformers model, ids (T,))."""
@@ -62,7 +45,6 @@ def pair(request):
         ids = np.random.default_rng(5).integers(0, model.config.vocab_size, 10)
     else:
         model, hf = request.getfixturevalue("smol")
-        torch.set_num_threads(1)                  # loading hf_smollm2 may have just set 2
         ids = np.array(model.tokenizer.encode(PROMPT))
     return request.param, model, hf, ids
 
