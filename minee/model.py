@@ -3,7 +3,7 @@
     ids (B, T) -> embed -> L x [ x + attn(norm(x)) ; x + mlp(norm(x)) ] -> final norm -> LM head -> logits (B, T, V)
 
 A named hook point sits on every arrow that carries the residual stream (TransformerLens
-names, see HOOK_POINTS), so tools such as the logit lens and early exit are thin layers on
+names, see hook_names), so tools such as the logit lens and early exit are thin layers on
 top of this file rather than edits inside it.
 """
 import numpy as np
@@ -35,8 +35,9 @@ class Model:
         self.hook_names = hook_names(config.n_layers)
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._cos = self._sin = np.zeros((0, config.head_dim), np.float32)     # RoPE tables, grown on demand
-        for name, array in params.items():
-            assert array.dtype == np.float32, f"{name} is {array.dtype}, expected float32"
+        wrong = [f"{name} ({a.dtype})" for name, a in params.items() if a.dtype != np.float32]
+        if wrong:
+            raise TypeError(f"minee computes in float32; convert these weights first: {', '.join(wrong)}")
 
     # ------------------------------------------------------------ the forward pass
 
