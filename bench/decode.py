@@ -88,6 +88,21 @@ def machine_report():
             "platform": platform.platform(), "git_commit": commit}
 
 
+def busy_cores(seconds=1.0):
+    """Cores kept busy by other processes, from /proc/stat over `seconds` while this one sleeps."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]                           # total, idle + iowait
+    try:
+        t0, i0 = snap()
+        time.sleep(seconds)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
 def loadavg():
     try:
         return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
@@ -348,6 +363,10 @@ def common_prefix(a, b):
 
 # ----------------------------------------------------------------------------- report
 
+def _fmt(x):
+    return "?" if x is None else f"{x:.1f}"
+
+
 def markdown(r):
     a, s = r["args"], r["settings"]
     m, h = r["minee"], r["transformers"]
@@ -360,7 +379,8 @@ def markdown(r):
              f"numpy {s['numpy']}",
              f"threads {a['threads']}: NumPy BLAS {s['numpy_blas']}; torch BLAS {s['torch_blas']} "
              f"(torch threads {r['env']['torch_num_threads']}); CPU {r['machine']['cpu']} x{r['machine']['cores']}; "
-             f"loadavg {r['loadavg_start']} -> {r['loadavg_end']}",
+             f"loadavg {r['loadavg_start']} -> {r['loadavg_end']}; cores busy with other work before/after "
+             f"{_fmt(r.get('busy_cores_start'))}/{_fmt(r.get('busy_cores_end'))}",
              f"prompt {a['prompt_len']} random token ids (seed {a['seed']}), {a['new_tokens']} greedy decode "
              f"steps, {r['repeats_done']} interleaved repeats, medians",
              "",
@@ -409,10 +429,10 @@ def markdown(r):
         label = "total (one model.forward)" if part == "total" else part
         lo = "" if part == "unaccounted" else f"{low[part]:.2f}"
         lines.append(f"| {label} | {med[part]:.2f} | {med[part] / med['total']:.0%} | {lo} | {b} |")
-    busy = r["loadavg_start"][0] if r["loadavg_start"] else 0          # before this run added its own load
-    if busy + a["threads"] > r["machine"]["cores"] + 0.5:
-        lines += ["", f"NOTE: the machine was busy (1-min loadavg {busy:.1f} at the start, on "
-                      f"{r['machine']['cores']} cores, before adding {a['threads']} benchmark thread(s)): "
+    busy = max(x for x in (r.get("busy_cores_start"), r.get("busy_cores_end"), 0) if x is not None)
+    if busy + a["threads"] > r["machine"]["cores"] + 0.3:
+        lines += ["", f"NOTE: the machine was busy (other processes kept {busy:.1f} of {r['machine']['cores']} "
+                      f"cores busy just before/after the run, and it used {a['threads']} thread(s)): "
                       "absolute numbers are depressed and "
                       "noisy; the interleaved ratios are the more robust result."]
     sv, ag = r["sanity"], r["agreement"]
@@ -441,9 +461,9 @@ def parse_args(argv=None):
                    help="transformers attention implementation (default sdpa, its default on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     p.add_argument("--breakdown-reps", type=int, default=20, help="decode steps timed for the breakdown")
-    p.add_argument("--budget", type=float, default=180.0,
+    p.add_argument("--budget", type=float, default=150.0,
                    help="stop starting new repeats after this many seconds of timed runs, and cut the "
-                        "breakdown short 30 s later (default 180; keeps a run under ~5 min on a busy machine)")
+                        "breakdown short 30 s later (default 150; keeps a run under ~5 min on a busy machine)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     args = p.parse_args(argv)
     for k in ("threads", "prompt_len", "new_tokens", "repeats", "breakdown_reps"):
@@ -461,7 +481,7 @@ def main(argv=None):
     limiter = threadpool_limits(limits=args.threads)         # noqa: F841  kept for the whole run
     torch.set_num_threads(args.threads)
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    load_start = loadavg()
+    load_start, busy_start = loadavg(), busy_cores()
 
     log(f"loading {args.model} in minee and transformers ...")
     mm, hf, source = load_models(args.model, args.hf_attn)
@@ -551,6 +571,7 @@ def main(argv=None):
     result["ratios"] = {"prefill": result["minee"]["prefill_tok_s"] / result["transformers"]["prefill_tok_s"],
                         "decode": result["minee"]["decode_tok_s"] / result["transformers"]["decode_tok_s"]}
     result["loadavg_start"], result["loadavg_end"] = load_start, loadavg()
+    result["busy_cores_start"], result["busy_cores_end"] = busy_start, busy_cores()
 
     if args.json:
         print(json.dumps(result, indent=2))
