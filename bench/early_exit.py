@@ -141,7 +141,9 @@ def run(args):
             stats.append(st)
             nlls.append(full_nll(model, ids, t))
         agree = np.mean([np.mean(np.array(t) == np.array(r)) for t, r in zip(toks, ref)])
-        rows.append({"gate": spec, "kv": kv_mode, "agreement": float(agree), "decode_s": secs,
+        prefix = np.mean([np.cumprod(np.array(t) == np.array(r)).mean() for t, r in zip(toks, ref)])
+        rows.append({"gate": spec, "kv": kv_mode, "agreement": float(agree), "identical_prefix": float(prefix),
+                     "decode_s": secs,
                      "nll": float(np.mean(nlls)),
                      "mean_layers_used": float(np.mean([s["mean_layers_used"] for s in stats])),
                      "lm_head_calls_per_token": float(np.mean([s["lm_head_calls_per_token"] for s in stats])),
@@ -160,7 +162,8 @@ def run(args):
     for kv_mode in kv_modes:
         secs = sum(oracle_replay(model, ids, r, p, kv_mode) for ids, r, p in zip(prompt_ids, ref, points))
         all_p = np.concatenate(points)
-        oracle.append({"gate": "oracle (replay)", "kv": kv_mode, "agreement": 1.0, "decode_s": secs,
+        oracle.append({"gate": "oracle (replay)", "kv": kv_mode, "agreement": 1.0, "identical_prefix": 1.0,
+                       "decode_s": secs,
                        "nll": plain_nll, "mean_layers_used": float(((all_p + 1) / 2).mean()),
                        "lm_head_calls_per_token": 1.0, "speedup": plain_s / secs,
                        "share_needing_last_point": float((all_p == 2 * L - 1).mean())})
@@ -174,10 +177,10 @@ def run(args):
 def table(res):
     lines = [f"Plain decoding: {res['plain_decode_s']:.2f} s for {res['prompts']} x {res['new_tokens']} tokens "
              f"(runs {', '.join(f'{s:.2f}' for s in res['plain_decode_s_runs'])}), NLL {res['plain_nll']:.3f}",
-             "", "| gate | kv | agreement | full-model NLL | layers used | LM-head calls/token | speedup |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| gate | kv | agreement | identical prefix | full-model NLL | layers used | LM-head calls/token | speedup |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["oracle"] + sorted(res["rows"], key=lambda r: -r["agreement"]):
-        lines.append(f"| `{r['gate']}` | {r['kv']} | {r['agreement']:.3f} | {r['nll']:.3f} | "
+        lines.append(f"| `{r['gate']}` | {r['kv']} | {r['agreement']:.3f} | {r['identical_prefix']:.3f} | {r['nll']:.3f} | "
                      f"{r['mean_layers_used']:.1f} | {r['lm_head_calls_per_token']:.1f} | {r['speedup']:.2f}x |")
     u = res["unit_costs_s"]
     lines += ["", f"Unit costs at decode (median): attention sub-layer {u['attn'] * 1e6:.0f} us, FFN sub-layer "
