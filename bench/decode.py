@@ -1,7 +1,7 @@
 """Prefill and decode speed of minee against transformers (torch, CPU, float32) on the same model.
 
     python bench/decode.py [--threads 1] [--prompt-len 128] [--new-tokens 64] [--repeats 5]
-                           [--model smollm2-135m] [--hf-attn sdpa] [--json]
+                           [--model smollm2-135m] [--hf-attn sdpa] [--budget 150] [--json]
 
 What it does, in one process so machine noise hits both engines alike:
   1. pins thread counts: threadpoolctl.threadpool_limits(n) for NumPy's BLAS (and any OpenMP
@@ -14,9 +14,11 @@ What it does, in one process so machine noise hits both engines alike:
   4. memory-bandwidth ceiling: decode reads every weight once per token (30 layers + LM head,
      ~538 MB for SmolLM2-135M in float32), so tokens/s <= bandwidth / weight bytes. Bandwidth is
      measured here with the same thread count: BLAS sgemv over a 512 MB matrix (a pure read
-     stream, the access pattern of decode), plus np.add / copy for reference.
+     stream, the access pattern of decode), sampled before, between and after the runs; np.add,
+     copy and torch.mv (torch's own BLAS) for reference.
   5. where minee's decode step goes: attention sub-layers, MLP sub-layers, LM head, the rest,
-     timed by calling model.attn_sublayer / model.mlp_sublayer / model.unembed on a decode step.
+     timed by calling model.attn_sublayer / model.mlp_sublayer / model.unembed on a decode step;
+     the rest is a forward with those stubbed out (minee itself is never modified).
   6. sanity check: both engines' greedy tokens must agree (text prompt and the random prompt).
 
 Progress goes to stderr; the report (markdown, or JSON with --json) to stdout.
