@@ -1,0 +1,46 @@
+"""The real model end to end: SmolLM2-135M converted by weights_tool, run by minee, against
+transformers loading the same GGUF (logits on varied prompts, 32 greedy tokens)."""
+import numpy as np
+import pytest
+import torch
+
+import minee
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind",
+    "Question: What is 12 plus 7? Answer:",
+    "Les élèves ont appris que la Terre tourne autour du Soleil, et",
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=range(len(PROMPTS)))
+def test_logits_match_transformers(smol, prompt):
+    model, hf = smol
+    ids = model.tokenizer.encode(prompt)
+    ours = model.forward(ids)[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    assert ours.dtype == np.float32
+    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3], ids=range(3))
+def test_32_greedy_tokens_match_transformers(smol, prompt):
+    model, hf = smol
+    ids = model.tokenizer.encode(prompt)
+    ours = minee.generate(model, ids, max_new_tokens=32, stop_at_eos=False).tokens
+    ref = list(ids)
+    with torch.no_grad():                      # plain argmax loop: generate() would suppress or stop at EOS
+        for _ in range(32):
+            ref.append(int(hf(torch.tensor([ref])).logits[0, -1].argmax()))
+    assert ours == ref[len(ids):]
+
+
+def test_the_capital_of_france(smol):
+    model, _ = smol
+    assert minee.generate(model, "The capital of France is", max_new_tokens=3).text.startswith(" Paris.")
