@@ -11,7 +11,7 @@ from .ops import softmax
 class Generation:
     prompt_tokens: list          # ids fed to the model (BOS included if the tokenizer adds it)
     tokens: list                 # generated ids, EOS included when generation stopped on it
-    text: str                    # the generated ids decoded ("" without a tokenizer)
+    text: str                    # the generated ids decoded, special tokens such as EOS left out ("" without a tokenizer)
     stats: dict = field(default_factory=dict)   # timings, throughput and, with exit=, its costs
     exit_points: list = field(default_factory=list)   # per generated token; 2L-1 = the full model
 
@@ -69,7 +69,7 @@ class TextStream:
         if self.tokenizer is None:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):                           # a multi-byte character is incomplete
             return ""
         piece, self.sent = text[self.sent:], len(text)
@@ -146,5 +146,8 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
              "decode_s": t2 - t1, "decode_tokens_per_s": (n_new - B) / (t2 - t1) if n_new > B else None}
     if decoder is not None:
         stats.update(gate=str(decoder.gate), kv=kv, **decoder.stats.summary(model.config))
-    return [Generation(i, t, model.tokenizer.decode(t) if model.tokenizer else "", dict(stats), pts)
+    def text(t):
+        return model.tokenizer.decode(t, skip_special_tokens=True) if model.tokenizer else ""
+
+    return [Generation(i, t, text(t), dict(stats), pts)
             for i, t, pts in zip(ids, tokens, points)]

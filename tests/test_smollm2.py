@@ -44,3 +44,10 @@ def test_32_greedy_tokens_match_transformers(smol, prompt):
 def test_the_capital_of_france(smol):
     model, _ = smol
     assert minee.generate(model, "The capital of France is", max_new_tokens=3).text.startswith(" Paris.")
+
+
+def test_chat_text_leaves_out_the_end_of_turn_token(smol):
+    model, _ = smol
+    out = minee.generate(model, "What is the capital of France?", max_new_tokens=30, chat=True)
+    assert out.tokens[-1] in model.config.eos_token_ids              # stopped on <|im_end|>
+    assert "Paris" in out.text and "<|im_end|>" not in out.text
