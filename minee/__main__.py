@@ -1,10 +1,10 @@
 """Command line: python -m minee generate|lens ... (every command has --json)."""
 import argparse
 import json
-import os
 import sys
 
 import minee
+from minee.threads import default_threads
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -182,7 +182,7 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        minee.set_threads(int(os.environ.get("MINEE_THREADS", "1")) if args.threads is None else args.threads)
+        minee.set_threads(default_threads() if args.threads is None else args.threads)
         args.threads = minee.get_threads()
         args.run(args)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:

@@ -28,7 +28,15 @@ def get_threads():
     return blas[0]["num_threads"] if blas else None
 
 
+def default_threads():
+    """MINEE_THREADS if set, else 1."""
+    value = os.environ.get("MINEE_THREADS", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MINEE_THREADS must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def ensure_threads():
     """Apply the default (MINEE_THREADS, else 1) unless the user already chose."""
     if _chosen is None:
-        set_threads(int(os.environ.get("MINEE_THREADS", "1")))
+        set_threads(default_threads())
