@@ -4,6 +4,7 @@ import json
 import sys
 
 import minee
+from minee.exits import KV_MODES
 from minee.threads import default_threads
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -86,7 +87,7 @@ def cmd_analyze(args):
     print(f"E4 {e4['stable_at_attention']:.1%} of stable exits are after an attention sub-layer")
     if res["e5"]:
         print("E5 agreement with plain greedy output: " + ", ".join(
-            f"kv={kv} {res['e5'][kv]['agreement']:.1%}" for kv in ("copy", "propagate", "compute")))
+            f"kv={kv} {res['e5'][kv]['agreement']:.1%}" for kv in KV_MODES))
     print(f"figures and analysis.json written to {args.out}", file=sys.stderr)
 
 
@@ -138,7 +139,7 @@ def parser():
                    help="early exit gate: fixed:P, confidence:T, margin:T, entropy:T, patience:K, "
                         "cosine:T, learned:PATH or oracle; options: ,min_point=N ,check_every=N "
                         ",attn_points=0 (e.g. confidence:0.9,min_point=40)")
-    g.add_argument("--kv", choices=["copy", "propagate", "compute"], default="copy",
+    g.add_argument("--kv", choices=KV_MODES, default="copy",
                    help="keys/values of the layers an early-exited token skips (default copy)")
     g.set_defaults(run=cmd_generate)
 

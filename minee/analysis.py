@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exits import Gate, cosine, first_match_point, logit_features, patience_runs, stable_point, train_learned_gate
+from .exits import KV_MODES, Gate, cosine, first_match_point, logit_features, patience_runs, stable_point, train_learned_gate
 from .hooks import exit_point_names
 from .lens import log_softmax, point_chunks
 
@@ -213,7 +213,7 @@ def e4_sublayer(tf):
 
 # ------------------------------------------------------------------ E5 generation with KV fill
 
-def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=("copy", "propagate", "compute")):
+def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODES):
     """Agreement with plain greedy decoding at each generated position, per KV fill strategy."""
     from .generate import generate
     ref = [generate(model, p, new_tokens, stop_at_eos=False).tokens for p in prompts]

@@ -17,7 +17,7 @@ from .ops import apply_rope, linear, rms_norm
 
 GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
 LOGIT_GATES = ("confidence", "margin", "entropy", "patience", "learned")   # need the LM head to decide
-KV_MODES = ("copy", "propagate", "compute")
+KV_MODES = ("copy", "propagate", "compute")                                 # how skipped blocks get keys/values
 FEATURES = ("confidence", "margin", "entropy", "cosine", "depth")          # inputs of the learned gate
 
 
@@ -122,6 +122,11 @@ def _number(text, kind, what, example):
 
 _EXAMPLES = {"fixed": 40, "confidence": 0.9, "margin": 0.5, "entropy": 1.0, "patience": 3,
              "cosine": 0.95, "learned": "gate.json"}
+
+
+def check_kv_mode(kv):
+    if kv not in KV_MODES:
+        raise ValueError(f"unknown kv fill {kv!r}; choose from {', '.join(KV_MODES)}")
 
 
 # ------------------------------------------------------------------ features
@@ -238,8 +243,7 @@ class ExitDecoder:
     """
 
     def __init__(self, model, gate, kv="copy"):
-        if kv not in KV_MODES:
-            raise ValueError(f"unknown kv fill {kv!r}; choose from {', '.join(KV_MODES)}")
+        check_kv_mode(kv)
         self.model, self.gate, self.kv_mode = model, parse_gate(gate), kv
         self.n_points = 2 * model.config.n_layers
         self.candidates = set(self.gate.candidates(self.n_points))

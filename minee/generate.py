@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .exits import ExitDecoder, check_kv_mode
 from .ops import softmax
 
 
@@ -97,8 +98,7 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
     last one finishes; the stats count every row of every step.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    if kv not in ("copy", "propagate", "compute"):
-        raise ValueError(f"unknown kv fill {kv!r}; choose from copy, propagate, compute")
+    check_kv_mode(kv)
     if on_text is not None and len(prompts) != 1:
         raise ValueError("on_text streams one sequence; pass a single prompt to stream")
     ids = [encode_prompt(model, p, chat) for p in prompts]
@@ -116,7 +116,6 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
         def step(tokens, cache):
             return model.forward(np.array(tokens)[:, None], kv_cache=cache)[:, -1], np.full(B, last_point)
     else:
-        from .exits import ExitDecoder
         decoder = ExitDecoder(model, exit, kv)
         step = decoder.step_batch
     rng = np.random.default_rng(seed)

@@ -2,6 +2,7 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .exits import KV_MODES
 from .hooks import point_label
 
 METRIC_TITLES = {
@@ -154,7 +155,7 @@ def plot_sublayer(e4, out=None):
 def plot_generation(e5, out=None):
     """Agreement with plain greedy decoding by position, per KV fill strategy (E5)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for kv in ("copy", "propagate", "compute"):
+    for kv in KV_MODES:
         if kv in e5:
             axes[0].plot(e5[kv]["agreement_by_position"], label=f"kv={kv}")
             axes[1].plot(e5[kv]["identical_prefix_by_position"], label=f"kv={kv}")
