@@ -5,21 +5,36 @@ import sys
 
 import minee
 from minee.exits import KV_MODES
+from minee.generate import check_sampling
+from minee.speculative import DEFAULT_K, draft_decoder
 from minee.threads import default_threads
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
 def cmd_generate(args):
+    if args.speculative and args.exit:
+        raise ValueError("--speculative drafts with its own gate and keeps the full model's tokens; "
+                         "drop --exit (or drop --speculative to early-exit without verification)")
+    if args.k is not None and not args.speculative:
+        raise ValueError("--k sets how many tokens --speculative drafts per cycle; add --speculative DRAFT")
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
+    k = DEFAULT_K if args.k is None else args.k
+    if args.speculative:                                   # errors before any output
+        draft_decoder(model, args.speculative, k)
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     if not args.json:
         print(args.prompt, end="", flush=True)
-    out = minee.generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
-                         on_text=stream, exit=args.exit, kv=args.kv)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    chat=args.chat, on_text=stream)
+    if args.speculative:
+        out = minee.speculative_generate(model, args.prompt, args.max_new_tokens, draft=args.speculative,
+                                         k=k, **sampling)
+    else:
+        out = minee.generate(model, args.prompt, args.max_new_tokens, exit=args.exit, kv=args.kv, **sampling)
     if args.json:
         print(json.dumps({"model": args.model, "prompt": args.prompt, "prompt_tokens": out.prompt_tokens,
                           "tokens": out.tokens, "text": out.text, "exit_points": out.exit_points,
@@ -27,8 +42,13 @@ def cmd_generate(args):
     else:
         s = out.stats
         rate = f", {s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"] else ""
-        exits = (f", exit {s['gate']} kv={s['kv']}: {s['mean_layers_used']:.1f} of "
-                 f"{model.config.n_layers} layers on average" if args.exit else "")
+        exits = ""
+        if args.exit:
+            exits = (f", exit {s['gate']} kv={s['kv']}: {s['mean_layers_used']:.1f} of "
+                     f"{model.config.n_layers} layers on average")
+        elif args.speculative and s["drafted"]:
+            exits = (f", speculative {s['draft']} k={s['k']}: {s['accepted']} of {s['drafted']} drafts "
+                     f"accepted ({s['acceptance_rate']:.0%}), {s['tokens_per_cycle']:.2f} tokens per cycle")
         print(f"\n[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new{rate}, "
               f"{args.threads} BLAS thread(s){exits}]", file=sys.stderr)
 
@@ -141,6 +161,12 @@ def parser():
                         ",attn_points=0 (e.g. confidence:0.9,min_point=40)")
     g.add_argument("--kv", choices=KV_MODES, default="copy",
                    help="keys/values of the layers an early-exited token skips (default copy)")
+    g.add_argument("--speculative", metavar="DRAFT", default=None,
+                   help="self-speculative decoding: draft tokens by early exit at this gate (e.g. fixed:39, "
+                        "after block 19) and keep only what the full model confirms: greedy output is "
+                        "plain decoding's, token for token")
+    g.add_argument("--k", type=int, default=None,
+                   help=f"tokens drafted per cycle with --speculative (default {DEFAULT_K})")
     g.set_defaults(run=cmd_generate)
 
     le = sub.add_parser("lens", help="logit lens: what every exit point predicts")

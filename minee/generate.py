@@ -36,6 +36,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
     if temperature == 0:
         return int(np.argmax(logits))
     rng = np.random.default_rng() if rng is None else rng
+    probs = probabilities(logits, temperature, top_k, top_p)
+    return int(rng.choice(len(probs), p=probs))
+
+
+def probabilities(logits, temperature, top_k=None, top_p=None):
+    """The distribution (V,) float64 that sample() draws from at temperature > 0: softmax of
+    logits / temperature, cut to the top_k tokens and to the smallest set reaching top_p, renormalized."""
     z = logits.astype(np.float64) / temperature
     if top_k is not None and top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
@@ -46,7 +53,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
         before = np.cumsum(probs[order]) - probs[order]       # mass strictly above each token
         probs[order[before >= top_p]] = 0.0                    # keep the smallest set reaching top_p
         probs /= probs.sum()
-    return int(rng.choice(len(probs), p=probs))
+    return probs
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
@@ -58,6 +65,12 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_context(model, prompt_tokens, max_new_tokens):
+    if prompt_tokens + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {model.config.max_position_embeddings} positions")
 
 
 class TextStream:
@@ -107,9 +120,7 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
     ids = [encode_prompt(model, p, chat) for p in prompts]
     rngs = [np.random.default_rng(s) for s in row_seeds(seed, len(ids))]
     B, longest = len(ids), max(len(i) for i in ids)
-    if longest + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {model.config.max_position_embeddings} positions")
+    check_context(model, longest, max_new_tokens)
     last_point = 2 * model.config.n_layers - 1
     if exit is None:
         decoder = None

@@ -1,0 +1,255 @@
+"""Self-speculative decoding: early exit drafts tokens, the rest of the network checks them, and
+the output is exactly the full model's.
+
+Early exit alone changes the text (bench/README.md). Here the early exit only proposes: the full
+model has the last word on every token, as in LayerSkip (Elhoushi et al. 2024) and Draft & Verify
+(Zhang et al. 2023), with the acceptance rule of speculative sampling (Leviathan et al. 2023;
+Chen et al. 2023). It pays because decoding reads every weight once per pass: sending k+1 tokens
+through the last blocks together costs much less than k+1 passes.
+
+One cycle, with the cache holding positions 0 .. n-1 and `last` the newest token (not in it yet):
+
+  draft     feed last, d1 .. d(k-1) at positions n .. n+k-1 through the early-exit decoder: each
+            runs the sub-layers up to its exit point (the draft gate's) and is decoded there into
+            the next draft d1 .. dk. The blocks a draft runs write the keys/values that the full
+            model would write there (same prefix, same computation), so they are never recomputed.
+  verify    the k+1 rows (inputs last, d1 .. dk) go on from their states through the remaining
+            sub-layers in one pass, then the LM head: the full model's logits at positions n .. n+k.
+  accept    greedy: the drafts up to the first that differs from the full model's argmax, then the
+            full model's own token (a correction, or a bonus token after dk): 1 .. k+1 new tokens.
+            Sampling: accept_sampled, so that every token is distributed as the full model's.
+  roll back the cache keeps the positions of last and the accepted drafts; the later positions are
+            forgotten (setting the length back is enough: the next cycle overwrites them).
+
+Drafts that exit at different points (a gate): beyond its exit point a draft leaves the deeper
+blocks' keys/values to the KV fill (a copy, exits.py), so a later draft that goes deeper attends to
+copies, not to what the full model computes. A draft's state is therefore exact only up to the
+earliest exit point among itself and the drafts before it, start_j = min(p_0 .. p_j). Verification
+starts each row after its own start_j, from the state it recorded there, and recomputes (and
+rewrites the keys/values of) the sub-layers from there on. With a fixed exit point p every start is
+p and nothing is recomputed. The last row (input dk) was never drafted: it starts at its embedding.
+"""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .exits import ExitDecoder, parse_gate
+from .generate import Generation, TextStream, check_context, check_sampling, encode_prompt, probabilities, sample
+
+DEFAULT_K = 4                 # tokens drafted per cycle
+
+
+class DraftDecoder(ExitDecoder):
+    """The early-exit decoder that drafts run through.
+
+    draft_step() also returns the residual after every sub-layer the step ran, (p+1, D):
+    verification starts from one of them. With a fixed exit point it skips the KV fill of the
+    deeper blocks, which no draft reads and verification writes.
+    """
+    trace = None
+
+    def draft_step(self, token, kv):
+        """One draft position: (logits (V,), exit point p, states (p+1, D) after sub-layers 0 .. p)."""
+        self.trace = []
+        logits, point = self.step(token, kv)
+        states, self.trace = np.concatenate(self.trace)[:, 0], None         # (p+1, D)
+        return logits, point, states
+
+    def sublayer(self, p, x, positions, kv):
+        x = super().sublayer(p, x, positions, kv)
+        if self.trace is not None:
+            self.trace.append(x)                                             # (1, 1, D)
+        return x
+
+    def fill_skipped(self, points, states, positions, kv):
+        if self.gate.kind != "fixed":
+            super().fill_skipped(points, states, positions, kv)
+
+
+def draft_decoder(model, draft, k):
+    """A DraftDecoder for the draft gate spec, once draft and k are checked (errors name the fix)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (tokens drafted per cycle) must be a whole number >= 1, got {k!r}")
+    gate = parse_gate(draft)
+    if gate.kind == "oracle":
+        raise ValueError("the oracle gate runs the full model to find its exit point, so it cannot "
+                         "draft; draft with fixed:P or a gate such as confidence:0.9")
+    return DraftDecoder(model, gate, "copy")
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts per position j = 1 .. k of a draft, accumulated over cycles."""
+    k: int
+    cycles: int = 0
+    drafted: np.ndarray = None      # (k,) drafts made at position j
+    checked: np.ndarray = None      # (k,) of them compared with the full model (all before j accepted)
+    accepted: np.ndarray = None     # (k,) of them accepted
+    draft_s: float = 0.0
+    verify_s: float = 0.0           # verification pass, acceptance and rollback
+
+    def __post_init__(self):
+        self.drafted, self.checked, self.accepted = (np.zeros(self.k, np.int64) for _ in range(3))
+
+    def add(self, n_drafts, n_accepted):
+        """One cycle that made n_drafts drafts and accepted the first n_accepted."""
+        self.cycles += 1
+        self.drafted[:n_drafts] += 1
+        self.checked[:min(n_accepted + 1, n_drafts)] += 1
+        self.accepted[:n_accepted] += 1
+
+    def summary(self):
+        drafted, accepted = int(self.drafted.sum()), int(self.accepted.sum())
+        by_position = [float(a / c) if c else None for a, c in zip(self.accepted, self.checked)]
+        return {"cycles": self.cycles, "drafted": drafted, "accepted": accepted,
+                "acceptance_rate": accepted / drafted if drafted else None,
+                "acceptance_by_position": by_position,
+                "tokens_per_cycle": (accepted + self.cycles) / self.cycles if self.cycles else None,
+                "draft_s": self.draft_s, "verify_s": self.verify_s}
+
+
+# ------------------------------------------------------------------ one cycle
+
+def draft(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng=None):
+    """k draft tokens after `last`, fed at positions kv.length .. (advancing the cache by k).
+
+    Returns the drafts (k,), their distributions q (k, V) (None when greedy), exit points (k,),
+    and for verification the k+1 rows' states (k+1, D) and start points (k+1,): row j's state
+    after point starts[j] (-1: the embedding)."""
+    drafts, qs, points, states, starts = [], [], [], [], []
+    start, token = decoder.n_points - 1, last
+    for _ in range(k):
+        logits, p, trace = decoder.draft_step(token, kv)                    # trace (p+1, D)
+        start = min(start, p)                                               # exact up to here
+        if temperature == 0:
+            token = sample(logits)
+        else:
+            qs.append(probabilities(logits, temperature, top_k, top_p))     # (V,)
+            token = int(rng.choice(len(qs[-1]), p=qs[-1]))
+        drafts.append(token)
+        points.append(p)
+        states.append(trace[start])
+        starts.append(start)
+    states.append(decoder.model.embed_tokens[token])                        # the last row: input dk
+    starts.append(-1)
+    return drafts, (np.array(qs) if qs else None), points, np.stack(states), np.array(starts)
+
+
+def verify(decoder, states, starts, n, kv):
+    """The full model's logits (R, V) at positions n .. n+R-1 for R rows whose residual after point
+    starts[r] is states[r] (R, D). Each sub-layer runs once for all rows past their start, writing
+    their keys/values; the others already hold theirs from drafting."""
+    x = states[None].copy()                                                 # (1, R, D)
+    positions = n + np.arange(len(starts))[None]                            # (1, R)
+    for p in range(int(starts.min()) + 1, decoder.n_points):
+        rows = np.flatnonzero(starts < p)
+        x[:, rows] = decoder.sublayer(p, x[:, rows], positions[:, rows], kv)
+    return decoder.model.unembed(x[0])                                      # (R, V)
+
+
+def accept_greedy(drafts, logits):
+    """(accepted drafts, the full model's next token): drafts up to the first that is not the argmax
+    of the logits (k+1, V) at its position, then the argmax there."""
+    target = logits.argmax(-1)                                              # (k+1,)
+    a = 0
+    while a < len(drafts) and drafts[a] == target[a]:
+        a += 1
+    return a, int(target[a])
+
+
+def accept_sampled(drafts, q, logits, temperature, top_k, top_p, rng):
+    """Speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023).
+
+    With p_j the full model's distribution at draft j's position (the same temperature, top_k and
+    top_p processing as q_j, the draft's): keep draft d_j with probability min(1, p_j(d_j)/q_j(d_j));
+    at the first rejection draw the next token from max(p_j - q_j, 0), renormalized; after k
+    acceptances draw a bonus token from p_{k+1}. Each new token is then distributed exactly as p.
+    Returns (accepted drafts, the next token)."""
+    for j, d in enumerate(drafts):
+        p = probabilities(logits[j], temperature, top_k, top_p)             # (V,)
+        if rng.random() * q[j, d] < p[d]:                                   # u < p(d)/q(d); q(d) > 0
+            continue
+        rest = np.maximum(p - q[j], 0.0)                                    # > 0 somewhere, as p(d) < q(d)
+        return j, int(rng.choice(len(rest), p=rest / rest.sum()))
+    p = probabilities(logits[len(drafts)], temperature, top_k, top_p)
+    return len(drafts), int(rng.choice(len(p), p=p))
+
+
+def speculate(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng=None, stats=None):
+    """One draft-verify cycle after token `last`, which the cache kv (one row of n positions) does
+    not hold yet.
+
+    Returns the new tokens (the accepted drafts, then the full model's next token: 1 .. k+1 of
+    them) and the exit point each came from (its draft's, or the last point). The cache then holds
+    n + len(tokens) positions, exactly what plain decoding of the same tokens would hold.
+    k = 0 is one plain decoding step."""
+    n, t0 = kv.length, time.perf_counter()
+    drafts, q, points, states, starts = draft(decoder, kv, last, k, temperature, top_k, top_p, rng)
+    t1 = time.perf_counter()
+    logits = verify(decoder, states, starts, n, kv)                         # (k+1, V)
+    if temperature == 0:
+        a, token = accept_greedy(drafts, logits)
+    else:
+        a, token = accept_sampled(drafts, q, logits, temperature, top_k, top_p, rng)
+    kv.length = n + a + 1                                                   # forget the rejected positions
+    if stats is not None:
+        stats.add(k, a)
+        stats.draft_s += t1 - t0
+        stats.verify_s += time.perf_counter() - t1
+    return drafts[:a] + [token], points[:a] + [decoder.n_points - 1]
+
+
+# ------------------------------------------------------------------ generation
+
+def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=DEFAULT_K, temperature=0.0,
+                         seed=None, top_k=None, top_p=None, chat=False, stop_at_eos=True, on_text=None):
+    """Continue `prompt` (text or ids) like minee.generate, drafting k tokens per cycle by early
+    exit (draft: a gate spec, e.g. "fixed:39" = after block 19's FFN) and keeping only what the full
+    model confirms.
+
+    Greedy (temperature 0), the tokens are minee.generate's. Sampling draws every token from
+    exactly the distribution generate samples from, though not the same tokens for a seed (the
+    random numbers are used differently). stats adds to generate's: draft, k, cycles, drafted,
+    accepted, acceptance_rate (accepted / drafted), acceptance_by_position (at draft position j, the
+    share accepted of the drafts compared, i.e. those whose earlier drafts were all accepted),
+    tokens_per_cycle, mean_draft_point, draft_s and verify_s. exit_points: the draft point of each
+    accepted draft, the last point for the full model's tokens.
+    """
+    decoder = draft_decoder(model, draft, k)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    ids = encode_prompt(model, prompt, chat)
+    check_context(model, len(ids), max_new_tokens)
+    rng = np.random.default_rng(seed)
+    cache = model.new_kv_cache(1, len(ids) + max_new_tokens)
+    stream, stats, eos = TextStream(model.tokenizer), SpeculativeStats(k), model.config.eos_token_ids
+    tokens, points = [], []
+
+    def emit(token, point):
+        """Append one token; False once generation is over."""
+        tokens.append(token)
+        points.append(point)
+        if on_text is not None:
+            on_text(stream.push(token))
+        return len(tokens) < max_new_tokens and not (stop_at_eos and token in eos)
+
+    t0 = time.perf_counter()
+    logits = model.forward(ids, kv_cache=cache)[0, -1]                      # prefill: (V,)
+    t1 = time.perf_counter()
+    going = emit(sample(logits, temperature, top_k, top_p, rng), decoder.n_points - 1)
+    while going:
+        budget = max_new_tokens - len(tokens)                               # a cycle adds up to k+1
+        new, new_points = speculate(decoder, cache, tokens[-1], min(k, budget - 1), temperature,
+                                    top_k, top_p, rng, stats)
+        for token, point in zip(new, new_points):
+            going = emit(token, point)
+            if not going:
+                break
+    t2 = time.perf_counter()
+    n_new = len(tokens)
+    out = {"prompt_tokens": len(ids), "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
+           "decode_tokens_per_s": (n_new - 1) / (t2 - t1) if n_new > 1 else None,
+           "draft": str(decoder.gate), "k": k, **stats.summary(),
+           "mean_draft_point": decoder.stats.summary(model.config)["mean_exit_point"]}
+    text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer else ""
+    return Generation(ids, tokens, text, out, points)
