@@ -36,7 +36,11 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
     if temperature == 0:
         return int(np.argmax(logits))
     rng = np.random.default_rng() if rng is None else rng
-    probs = probabilities(logits, temperature, top_k, top_p)
+    return draw(probabilities(logits, temperature, top_k, top_p), rng)
+
+
+def draw(probs, rng):
+    """One token id drawn from the distribution probs (V,)."""
     return int(rng.choice(len(probs), p=probs))
 
 

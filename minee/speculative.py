@@ -30,12 +30,13 @@ rewrites the keys/values of) the sub-layers from there on. With a fixed exit poi
 p and nothing is recomputed. The last row (input dk) was never drafted: it starts at its embedding.
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .exits import ExitDecoder, parse_gate
-from .generate import Generation, TextStream, check_context, check_sampling, encode_prompt, probabilities, sample
+from .generate import (Generation, TextStream, check_context, check_sampling, draw, encode_prompt, probabilities,
+                       sample)
 
 DEFAULT_K = 4                 # tokens drafted per cycle
 
@@ -80,31 +81,31 @@ def draft_decoder(model, draft, k):
 
 @dataclass
 class SpeculativeStats:
-    """Counts per position j = 1 .. k of a draft, accumulated over cycles."""
+    """Counts per position j = 1 .. k of a draft, accumulated over cycles, and the time spent."""
     k: int
     cycles: int = 0
-    drafted: np.ndarray = None      # (k,) drafts made at position j
-    checked: np.ndarray = None      # (k,) of them compared with the full model (all before j accepted)
-    accepted: np.ndarray = None     # (k,) of them accepted
     draft_s: float = 0.0
     verify_s: float = 0.0           # verification pass, acceptance and rollback
+    drafted: np.ndarray = field(init=False)     # (k,) drafts made at position j
+    compared: np.ndarray = field(init=False)    # (k,) of them compared with the full model (all before j accepted)
+    accepted: np.ndarray = field(init=False)    # (k,) of them accepted
 
     def __post_init__(self):
-        self.drafted, self.checked, self.accepted = (np.zeros(self.k, np.int64) for _ in range(3))
+        self.drafted, self.compared, self.accepted = (np.zeros(self.k, np.int64) for _ in range(3))
 
     def add(self, n_drafts, n_accepted):
         """One cycle that made n_drafts drafts and accepted the first n_accepted."""
         self.cycles += 1
         self.drafted[:n_drafts] += 1
-        self.checked[:min(n_accepted + 1, n_drafts)] += 1
+        self.compared[:min(n_accepted + 1, n_drafts)] += 1
         self.accepted[:n_accepted] += 1
 
     def summary(self):
         drafted, accepted = int(self.drafted.sum()), int(self.accepted.sum())
-        by_position = [float(a / c) if c else None for a, c in zip(self.accepted, self.checked)]
+        by_position = [float(a / c) if c else None for a, c in zip(self.accepted, self.compared)]
         return {"cycles": self.cycles, "drafted": drafted, "accepted": accepted,
                 "acceptance_rate": accepted / drafted if drafted else None,
-                "acceptance_by_position": by_position,
+                "acceptance_by_position": by_position, "compared_by_position": self.compared.tolist(),
                 "tokens_per_cycle": (accepted + self.cycles) / self.cycles if self.cycles else None,
                 "draft_s": self.draft_s, "verify_s": self.verify_s}
 
@@ -126,7 +127,7 @@ def draft(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng=Non
             token = sample(logits)
         else:
             qs.append(probabilities(logits, temperature, top_k, top_p))     # (V,)
-            token = int(rng.choice(len(qs[-1]), p=qs[-1]))
+            token = draw(qs[-1], rng)
         drafts.append(token)
         points.append(p)
         states.append(trace[start])
@@ -171,9 +172,9 @@ def accept_sampled(drafts, q, logits, temperature, top_k, top_p, rng):
         if rng.random() * q[j, d] < p[d]:                                   # u < p(d)/q(d); q(d) > 0
             continue
         rest = np.maximum(p - q[j], 0.0)                                    # > 0 somewhere, as p(d) < q(d)
-        return j, int(rng.choice(len(rest), p=rest / rest.sum()))
+        return j, draw(rest / rest.sum(), rng)
     p = probabilities(logits[len(drafts)], temperature, top_k, top_p)
-    return len(drafts), int(rng.choice(len(p), p=p))
+    return len(drafts), draw(p, rng)
 
 
 def speculate(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng=None, stats=None):
@@ -212,8 +213,9 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
     exactly the distribution generate samples from, though not the same tokens for a seed (the
     random numbers are used differently). stats adds to generate's: draft, k, cycles, drafted,
     accepted, acceptance_rate (accepted / drafted), acceptance_by_position (at draft position j, the
-    share accepted of the drafts compared, i.e. those whose earlier drafts were all accepted),
-    tokens_per_cycle, mean_draft_point, draft_s and verify_s. exit_points: the draft point of each
+    share accepted of the drafts compared, i.e. those whose earlier drafts were all accepted) and
+    compared_by_position (how many were compared), tokens_per_cycle, mean_draft_point, draft_s and
+    verify_s. exit_points: the draft point of each
     accepted draft, the last point for the full model's tokens.
     """
     decoder = draft_decoder(model, draft, k)

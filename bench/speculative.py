@@ -1,0 +1,304 @@
+"""Self-speculative decoding on a real model: wall-clock speedup over plain decoding, acceptance,
+and a cost model that says where speculation can pay.
+
+    python bench/speculative.py [--threads 1] [--new-tokens 64] [--points 39,47,53,57] [--ks 1,2,4]
+                                [--gates SPEC;SPEC] [--quick] [--out bench/results]
+
+What it does, in one process with BLAS pinned to --threads:
+  1. plain greedy decoding of every prompt in bench/prompts.txt (the reference tokens);
+  2. teacher-forced acceptance: one forward pass over each prompt + its plain tokens gives, at every
+     exit point p, whether the early-exit top-1 equals the full model's. Along the greedy path
+     that is exactly whether a draft at p is accepted, so alpha(p) is the acceptance rate per draft
+     and replaying the flags through the cycle rule gives the exact number of cycles of any (p, k);
+  3. unit costs, measured: one attention sub-layer, one FFN sub-layer and the LM head on R = 1 ..
+     k+1 rows (a middle block, at a typical position; medians of interleaved repeats);
+  4. the cost model. Plain decoding costs T_plain = L (attn_1 + ffn_1) + head_1 per token. A cycle
+     with k drafts at point p costs
+         T_cycle = k (early_1(p) + head_1)           k drafts: sub-layers 0 .. p and the LM head
+                 + early_1(p)                        the last row's early sub-layers (no LM head)
+                 + late_{k+1}(p) + head_{k+1}        verification: the other sub-layers and the
+                                                     LM head on k+1 rows at once
+     and yields 1 + a + a^2 + .. + a^k tokens if each draft is accepted with probability a
+     independently. The break-even acceptance a* solves (1 - a^(k+1)) / (1 - a) = T_cycle / T_plain
+     (none when T_cycle > (k+1) T_plain: even all-accepted drafts lose). The predicted speedup
+     replays the measured acceptance flags (exact cycles) through the unit costs;
+  5. measured runs, interleaved per prompt: plain, every configuration (rotated order), plain.
+     Speedup = plain decode seconds / speculative decode seconds over all prompts (prefill is the
+     same full-model pass in both and is left out). Every greedy output is compared to plain's.
+
+Progress goes to stderr; a markdown report to stdout and to OUT/speculative.md, the numbers to
+OUT/speculative.json. --quick: 3 prompts x 16 tokens, two configurations, a smoke run.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minee                                                      # noqa: E402
+from minee.hooks import exit_point_names                          # noqa: E402
+from minee.speculative import speculative_generate                # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+GOAL = 1.3
+GATE = "confidence:0.5,min_point=41,attn_points=0,check_every=2"   # checks after blocks 20, 22, .., 28
+
+
+def log(msg):
+    print(f"[speculative] {msg}", file=sys.stderr, flush=True)
+
+
+def machine():
+    """CPU, cores, BLAS (library, kernel, threads), load average."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown")
+    blas = [f"{i['internal_api']} {i.get('version')} {i.get('architecture')} x{i['num_threads']}"
+            for i in threadpool_info()]
+    return {"cpu": cpu, "cores": os.cpu_count(), "blas": blas, "numpy": np.__version__,
+            "python": platform.python_version(), "loadavg": open("/proc/loadavg").read().split()[:3]}
+
+
+# ------------------------------------------------------------------ acceptance, teacher-forced
+
+def agreement(model, prompt_ids, tokens):
+    """(P, n-1) bool: does exit point p's top-1 equal the full model's, at the positions that
+    predict tokens[1:] (tokens[0] comes from the prefill)?"""
+    names = exit_point_names(model.config.n_layers)
+    ids = np.array(list(prompt_ids) + list(tokens[:-1]))
+    _, acts = model.run_with_cache(ids, names=names)
+    steps = slice(len(prompt_ids), len(ids))                              # inputs tokens[0 .. n-2]
+    top1 = np.stack([model.unembed(acts[n][0, steps]).argmax(-1) for n in names])   # (P, n-1)
+    return top1 == top1[-1]
+
+
+def replay(flags, k):
+    """Cycles of speculative_generate for acceptance flags (n-1,) along the greedy path: a list of
+    (drafts, accepted) per cycle, with the same budget rule (at most what is left minus one)."""
+    n, made, cycles = len(flags) + 1, 1, []
+    while made < n:
+        drafts = min(k, n - made - 1)
+        a = 0
+        while a < drafts and flags[made - 1 + a]:
+            a += 1
+        cycles.append((drafts, a))
+        made += a + 1
+    return cycles
+
+
+# ------------------------------------------------------------------ unit costs and the cost model
+
+def unit_costs(model, max_rows, position, reps=15):
+    """Median seconds of one attention sub-layer, one FFN sub-layer (block 15) and one LM head on
+    R = 1 .. max_rows rows at positions position .. (a cache filled up to there)."""
+    kv = model.new_kv_cache(1, position + max_rows + 1)
+    model.forward(np.arange(position) % 1000 + 100, kv_cache=kv)
+    rng = np.random.default_rng(0)
+    x = {r: (rng.standard_normal((1, r, model.config.d_model)) * 2).astype(np.float32)
+         for r in range(1, max_rows + 1)}
+    pos = {r: position + np.arange(r)[None] for r in x}
+    fns = {}
+    for r in x:
+        fns[("attn", r)] = lambda r=r: model.attn_sublayer(15, x[r], pos[r], kv)
+        fns[("mlp", r)] = lambda r=r: model.mlp_sublayer(15, x[r])
+        fns[("head", r)] = lambda r=r: model.unembed(x[r])
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    out = {kind: [None] + [float(np.median(times[(kind, r)])) for r in x] for kind in ("attn", "mlp", "head")}
+    out["position"] = position
+    return out
+
+
+def early(costs, p, rows=1):
+    """Seconds of sub-layers 0 .. p on `rows` rows."""
+    return (p // 2 + 1) * costs["attn"][rows] + (p + 1) // 2 * costs["mlp"][rows]
+
+
+def late(costs, p, rows, n_layers):
+    """Seconds of sub-layers p+1 .. 2L-1 on `rows` rows."""
+    return (n_layers - (p // 2 + 1)) * costs["attn"][rows] + (n_layers - (p + 1) // 2) * costs["mlp"][rows]
+
+
+def plain_token(costs, n_layers):
+    return early(costs, 2 * n_layers - 1) + costs["head"][1]
+
+
+def cycle_seconds(costs, p, k, n_layers):
+    """Predicted seconds of one cycle with k drafts at fixed point p (module docstring, step 4)."""
+    return (k * (early(costs, p) + costs["head"][1]) + early(costs, p)
+            + late(costs, p, k + 1, n_layers) + costs["head"][k + 1])
+
+
+def break_even(ratio, k):
+    """The acceptance a with 1 + a + .. + a^k = ratio (= T_cycle / T_plain); None above k + 1."""
+    if ratio > k + 1:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid ** j for j in range(k + 1)) < ratio else (lo, mid)
+    return (lo + hi) / 2
+
+
+def cost_model(costs, points, ks, n_layers):
+    """Per (p, k): cycle time at k drafts, break-even acceptance, best case (all accepted) and the
+    acceptance needed for the goal speedup."""
+    plain = plain_token(costs, n_layers)
+    rows = []
+    for p in points:
+        for k in ks:
+            ratio = cycle_seconds(costs, p, k, n_layers) / plain
+            rows.append({"point": p, "k": k, "cycle_over_plain": ratio, "break_even": break_even(ratio, k),
+                         "best_speedup": (k + 1) / ratio, "for_goal": break_even(GOAL * ratio, k)})
+    return rows
+
+
+def predicted_seconds(costs, p, cycles, n_layers):
+    """Decode seconds the cost model predicts for the replayed cycles [(drafts, accepted), ...]."""
+    return sum(cycle_seconds(costs, p, d, n_layers) for d, _ in cycles)
+
+
+# ------------------------------------------------------------------ measured runs
+
+def run(args):
+    model = minee.load(args.model)
+    L = model.config.n_layers
+    prompts = [line for line in (HERE / "prompts.txt").read_text().splitlines() if line.strip()]
+    n = args.new_tokens
+    points, ks = [int(p) for p in args.points.split(",")], [int(k) for k in args.ks.split(",")]
+    if args.quick:
+        prompts, n, points, ks = prompts[:3], 16, [47], [2]
+    configs = [(f"fixed:{p}", k) for p in points for k in ks] + [(g, k) for g in args.gates for k in ks[-1:]]
+    ids = [model.tokenizer.encode(p) for p in prompts]
+    load_before = open("/proc/loadavg").read().split()[:3]
+    log(f"{len(prompts)} prompts x {n} tokens, {len(configs)} configurations, {args.threads} thread(s), "
+        f"loadavg {' '.join(load_before)}")
+
+    plain = [minee.generate(model, i, n, stop_at_eos=False).tokens for i in ids]
+    per_prompt_flags = [agreement(model, i, t) for i, t in zip(ids, plain)]                  # (P, n-1) each
+    alpha = np.concatenate(per_prompt_flags, axis=1).mean(1)                                   # (P,)
+    position = int(np.mean([len(i) for i in ids])) + n // 2
+    costs = unit_costs(model, max(ks) + 1, position)
+    log(f"unit costs at position {position}: attn {costs['attn'][1] * 1e3:.2f} ms, FFN "
+        f"{costs['mlp'][1] * 1e3:.2f} ms, LM head {costs['head'][1] * 1e3:.2f} ms (1 row)")
+
+    times = {"plain": [[] for _ in ids], **{f"{g} k={k}": [[] for _ in ids] for g, k in configs}}
+    stats, mismatches = {key: [] for key in times}, {key: 0 for key in times}
+    for i, (prompt_ids, want) in enumerate(zip(ids, plain)):
+        order = configs[i % len(configs):] + configs[:i % len(configs)]        # rotate who goes first
+        for gate, k in [(None, 0)] + order + [(None, 0)]:
+            if gate is None:
+                out, key = minee.generate(model, prompt_ids, n, stop_at_eos=False), "plain"
+            else:
+                out = speculative_generate(model, prompt_ids, n, draft=gate, k=k, stop_at_eos=False)
+                key = f"{gate} k={k}"
+            times[key][i].append(out.stats["decode_s"])
+            stats[key].append(out.stats)
+            mismatches[key] += out.tokens != want
+        log(f"prompt {i + 1}/{len(ids)} done, loadavg {open('/proc/loadavg').read().split()[0]}")
+    load_after = open("/proc/loadavg").read().split()[:3]
+
+    plain_s = np.array([np.mean(t) for t in times["plain"]])                    # (prompts,)
+    rows = []
+    for gate, k in configs:
+        key = f"{gate} k={k}"
+        spec_s = np.array([t[0] for t in times[key]])
+        st = stats[key]
+        drafted, accepted = sum(s["drafted"] for s in st), sum(s["accepted"] for s in st)
+        row = {"draft": gate, "k": k, "speedup": float(plain_s.sum() / spec_s.sum()),
+               "speedup_median_prompt": float(np.median(plain_s / spec_s)),
+               "acceptance_rate": accepted / drafted, "drafted": drafted, "accepted": accepted,
+               "acceptance_by_position": by_position(st, k),
+               "tokens_per_cycle": float(np.mean([s["tokens_per_cycle"] for s in st])),
+               "draft_share": float(sum(s["draft_s"] for s in st) / sum(s["decode_s"] for s in st)),
+               "mean_draft_point": float(np.mean([s["mean_draft_point"] for s in st])),
+               "identical": len(ids) - mismatches[key], "decode_s": float(spec_s.sum())}
+        if gate.startswith("fixed:"):
+            p = int(gate.split(":")[1])
+            cycles = [c for f in per_prompt_flags for c in replay(f[p], k)]
+            row["alpha_teacher_forced"] = float(alpha[p])
+            row["predicted_speedup"] = float(len(ids) * (n - 1) * plain_token(costs, L)
+                                             / predicted_seconds(costs, p, cycles, L))
+            row["break_even"] = break_even(cycle_seconds(costs, p, k, L) / plain_token(costs, L), k)
+        rows.append(row)
+    return {"model": args.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": args.threads, "machine": machine(), "loadavg_before": load_before,
+            "loadavg_after": load_after, "prompts": len(ids), "new_tokens": n,
+            "plain_decode_s": float(plain_s.sum()), "plain_identical": len(ids) - mismatches["plain"],
+            "alpha_by_point": alpha.tolist(), "unit_costs_s": costs,
+            "cost_model": cost_model(costs, sorted(set(points) | {39, 47, 53, 57, 58}), ks, L),
+            "rows": rows}
+
+
+def by_position(stats, k):
+    """Acceptance per draft position pooled over runs: accepted / compared."""
+    compared = np.sum([s["compared_by_position"] for s in stats], 0)                  # (k,)
+    accepted = np.sum([[0 if a is None else a * c for a, c in zip(s["acceptance_by_position"], s["compared_by_position"])]
+                       for s in stats], 0)
+    return [float(a / c) if c else None for a, c in zip(accepted, compared)]
+
+
+# ------------------------------------------------------------------ report
+
+def report(res):
+    pct = lambda a: "n/a" if a is None else f"{a:.0%}"                        # noqa: E731
+    m, c = res["machine"], res["unit_costs_s"]
+    lines = [f"{res['date']}, {m['cpu']}, {m['cores']} cores, {', '.join(m['blas'])}, NumPy {m['numpy']}; "
+             f"loadavg {' '.join(res['loadavg_before'])} before, {' '.join(res['loadavg_after'])} after.",
+             f"{res['prompts']} prompts x {res['new_tokens']} greedy tokens; plain decoding "
+             f"{res['plain_decode_s']:.1f} s (mean of the runs before and after each prompt's configurations).",
+             "", "| draft | k | speedup (median prompt) | predicted | acceptance | by position | "
+             "tokens/cycle | alpha (teacher-forced) | break-even | draft share of time | identical |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "n/a"
+        lines.append(f"| `{r['draft']}` | {r['k']} | {r['speedup']:.2f}x ({r['speedup_median_prompt']:.2f}x) | {pred} | "
+                     f"{r['acceptance_rate']:.0%} | {' '.join(pct(a) for a in r['acceptance_by_position'] or [])} | "
+                     f"{r['tokens_per_cycle']:.2f} | {pct(r.get('alpha_teacher_forced'))} | "
+                     f"{pct(r.get('break_even')) if 'break_even' in r else 'n/a'} | {r['draft_share']:.0%} | "
+                     f"{r['identical']}/{res['prompts']} |")
+    L = len(res["alpha_by_point"]) // 2
+    lines += ["", f"Unit costs at position {c['position']} (medians): " + "; ".join(
+        f"{kind} " + ", ".join(f"{r} row{'s' * (r > 1)} {v * 1e3:.2f} ms" for r, v in enumerate(c[kind]) if v)
+        for kind in ("attn", "mlp", "head")),
+        f"Plain token (model): {plain_token(c, L) * 1e3:.1f} ms.", "",
+        "| point | k | cycle / plain token | best case (all accepted) | break-even acceptance | "
+        f"acceptance for {GOAL}x | alpha (teacher-forced) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["cost_model"]:
+        lines.append(f"| {r['point']} | {r['k']} | {r['cycle_over_plain']:.2f} | {r['best_speedup']:.2f}x | "
+                     f"{pct(r['break_even'])} | {pct(r['for_goal'])} | {res['alpha_by_point'][r['point']]:.0%} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--points", default="39,47,53,57", help="fixed draft points, comma-separated")
+    p.add_argument("--ks", default="1,2,4", help="draft lengths, comma-separated")
+    p.add_argument("--gates", default=GATE, type=lambda s: [g for g in s.split(";") if g],
+                   help="draft gates (run with the largest k), ';'-separated")
+    p.add_argument("--quick", action="store_true", help="3 prompts x 16 tokens, 2 configurations")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args()
+    with threadpool_limits(args.threads):
+        res = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speculative.json").write_text(json.dumps(res, indent=1))
+    (out / "speculative.md").write_text(report(res) + "\n")
+    print(report(res))
+
+
+if __name__ == "__main__":
+    main()
