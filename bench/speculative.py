@@ -149,16 +149,25 @@ def break_even(ratio, k):
     return (lo + hi) / 2
 
 
-def cost_model(costs, points, ks, n_layers):
-    """Per (p, k): cycle time at k drafts, break-even acceptance, best case (all accepted) and the
-    acceptance needed for the goal speedup."""
-    plain = plain_token(costs, n_layers)
+def ideal(costs):
+    """The unit costs if R rows cost what one row costs (a matmul that reads its weights once,
+    whatever the number of rows: the memory-bound ideal the verification pass is designed for)."""
+    return {**costs, **{kind: [None] + [costs[kind][1]] * (len(costs[kind]) - 1) for kind in ("attn", "mlp", "head")}}
+
+
+def cost_model(costs, ks, n_layers):
+    """Per point p = 0 .. 2L-2 and k: cycle time over a plain token, the break-even acceptance, the
+    speedup if every draft were accepted, and the acceptance the goal needs; with the measured
+    multi-row costs and with ideal ones."""
     rows = []
-    for p in points:
+    for p in range(2 * n_layers - 1):
         for k in ks:
-            ratio = cycle_seconds(costs, p, k, n_layers) / plain
-            rows.append({"point": p, "k": k, "cycle_over_plain": ratio, "break_even": break_even(ratio, k),
-                         "best_speedup": (k + 1) / ratio, "for_goal": break_even(GOAL * ratio, k)})
+            row = {"point": p, "k": k}
+            for name, c in (("measured", costs), ("ideal", ideal(costs))):
+                ratio = cycle_seconds(c, p, k, n_layers) / plain_token(c, n_layers)
+                row[name] = {"cycle_over_plain": ratio, "break_even": break_even(ratio, k),
+                             "best_speedup": (k + 1) / ratio, "for_goal": break_even(GOAL * ratio, k)}
+            rows.append(row)
     return rows
 
 
@@ -235,7 +244,7 @@ def run(args):
             "loadavg_after": load_after, "prompts": len(ids), "new_tokens": n,
             "plain_decode_s": float(plain_s.sum()), "plain_identical": len(ids) - mismatches["plain"],
             "alpha_by_point": alpha.tolist(), "unit_costs_s": costs,
-            "cost_model": cost_model(costs, sorted(set(points) | {39, 47, 53, 57, 58}), ks, L),
+            "cost_model": cost_model(costs, ks, L), "table_points": sorted(set(points) | {19, 29, 39, 47, 53, 57, 58}),
             "rows": rows}
 
 
@@ -271,12 +280,42 @@ def report(res):
         f"{kind} " + ", ".join(f"{r} row{'s' * (r > 1)} {v * 1e3:.2f} ms" for r, v in enumerate(c[kind]) if v)
         for kind in ("attn", "mlp", "head")),
         f"Plain token (model): {plain_token(c, L) * 1e3:.1f} ms.", "",
+        "Cost model (measured multi-row costs / ideal: R rows cost one row):", "",
         "| point | k | cycle / plain token | best case (all accepted) | break-even acceptance | "
         f"acceptance for {GOAL}x | alpha (teacher-forced) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["cost_model"]:
-        lines.append(f"| {r['point']} | {r['k']} | {r['cycle_over_plain']:.2f} | {r['best_speedup']:.2f}x | "
-                     f"{pct(r['break_even'])} | {pct(r['for_goal'])} | {res['alpha_by_point'][r['point']]:.0%} |")
+        if r["point"] not in res["table_points"]:
+            continue
+        me, ie = r["measured"], r["ideal"]
+        lines.append(f"| {r['point']} | {r['k']} | {me['cycle_over_plain']:.2f} / {ie['cycle_over_plain']:.2f} | "
+                     f"{me['best_speedup']:.2f}x / {ie['best_speedup']:.2f}x | {pct(me['break_even'])} / "
+                     f"{pct(ie['break_even'])} | {pct(me['for_goal'])} / {pct(ie['for_goal'])} | "
+                     f"{res['alpha_by_point'][r['point']]:.0%} |")
     return "\n".join(lines)
+
+
+def plot(res, out):
+    """Acceptance per exit point (teacher-forced) against the break-even acceptance per k."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    P = len(res["alpha_by_point"])
+    ax.plot(range(P), res["alpha_by_point"], "k.-", label="acceptance alpha(p), teacher-forced")
+    ks = sorted({r["k"] for r in res["cost_model"]})
+    for k, colour in zip(ks, plt.cm.tab10.colors):
+        for name, style in (("measured", "-"), ("ideal", ":")):
+            pts = [(r["point"], r[name]["break_even"]) for r in res["cost_model"]
+                   if r["k"] == k and r[name]["break_even"] is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, color=colour, label=f"break-even, k={k} ({name} multi-row costs)")
+    ax.set_xlabel("draft exit point p (2l: after block l's attention, 2l+1: after its FFN)")
+    ax.set_ylabel("acceptance rate")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Self-speculation on {res['model']}: speculation pays only where alpha(p) is above "
+                 "the break-even", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def main():
@@ -297,6 +336,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "speculative.json").write_text(json.dumps(res, indent=1))
     (out / "speculative.md").write_text(report(res) + "\n")
+    plot(res, out / "speculative.png")
     print(report(res))
 
 
