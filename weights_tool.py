@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so `python weights_tool.py` finds minee
 
-from minee.config import config_from_hf, read_json  # noqa: E402
+from minee.config import load_config, read_json  # noqa: E402
 from minee.convert import (  # noqa: E402
     KNOWN_MODELS, f32_to_bf16, fetch, gguf_metadata, gguf_to_hf, open_gguf, reading_gguf, write_safetensors,
 )
@@ -60,11 +60,10 @@ def _safetensors_tensors(files: list[Path]) -> list[dict]:
     return rows
 
 
-def _read_config(path: Path) -> dict:
-    """config.json, checked as minee.load checks it (a damaged file is an error, not a summary)."""
-    config = read_json(path)
-    config_from_hf(config)
-    return config
+def _read_config(model_dir: Path) -> dict:
+    """config.json as a dict, checked as minee.load checks it (a damaged file is an error, not a summary)."""
+    load_config(model_dir)
+    return read_json(model_dir / "config.json")
 
 
 def _magic(path: Path) -> bytes:
@@ -113,7 +112,7 @@ def inspect_path(path) -> dict:
     if path.is_dir():
         kind = "hf-dir"
         if (path / "config.json").is_file():
-            config = _read_config(path / "config.json")
+            config = _read_config(path)
         ggufs = sorted(path.glob("*.gguf"))
         if not any(path.glob("*.safetensors")) and len(ggufs) == 1:
             return inspect_path(ggufs[0])
@@ -124,7 +123,7 @@ def inspect_path(path) -> dict:
     else:
         kind = "safetensors"
         if (path.parent / "config.json").is_file():
-            config = _read_config(path.parent / "config.json")
+            config = _read_config(path.parent)
         tensors = _safetensors_tensors([path])
     summary = _summary_from_hf_config(config) if config else None
     n_params = sum(math.prod(t["shape"]) for t in tensors)

@@ -86,8 +86,8 @@ def _check_layout(path, header, data_size):
 def _check_entry(path, name, info, data_size):
     """(begin, end) of one header entry, or a WeightsError saying what is wrong with it."""
     def bad(problem):
-        return WeightsError(f"tensor {name} in {path}: {problem}; the file is damaged or not a "
-                            "safetensors checkpoint")
+        return WeightsError(f"tensor {name} in {path}: {problem}; the file is truncated or damaged: "
+                            "download it again")
 
     if not isinstance(info, dict):
         raise bad(f"its header entry is {info!r:.40}, not an object")

@@ -42,7 +42,7 @@ SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "t", "▁h", "he", "ll",
 
 
 def write_tiny_llama_gguf(path, L=2, D=64, H=4, KV=2, F=96, untied=True, rope_freqs=None,
-                          theta=10000.0, seed=0):
+                          theta=10000.0, seed=0, chat_template=None):
     """A small llama GGUF written the way llama.cpp writes one: Q/K rows permuted, mixed
     quantizations, SentencePiece ("llama") tokenizer. Returns the HF-layout float32 weights."""
     import gguf
@@ -71,6 +71,8 @@ def write_tiny_llama_gguf(path, L=2, D=64, H=4, KV=2, F=96, untied=True, rope_fr
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     hf = {}
 
     def tensor(name, hf_name, shape, qtype=Q.F32, permute_heads=None):
