@@ -465,3 +465,34 @@ def test_gguf_chat_template_is_copied_and_sandboxed(tiny_gguf, tmp_path):
     with pytest.raises(TokenizerError, match="sandbox"):
         minee.generate(minee.load(out), "hello", max_new_tokens=1, chat=True)
     assert not mark.exists()
+
+
+# ----------------------------------------------------------------------------- analyze --reuse table
+
+class _Pickled:
+    """An object whose unpickling would create a file: what a hostile .npz could carry."""
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.mark),))
+
+
+def test_reused_analysis_table_is_checked(tmp_path):
+    """analyze --reuse reads teacher_forced.npz back: damage, other shapes or a pickle mean recompute."""
+    from minee.analysis import TeacherForced, load_table, save_table
+
+    ids, P, N = np.arange(11), 4, 10
+    tf = TeacherForced(**{k: np.zeros((P, N)) for k in TeacherForced.__dataclass_fields__})
+    tf.targets, tf.inputs = ids[1:], ids[:-1]
+    good = tmp_path / "good.npz"
+    save_table(good, tf, 3.5, ids, window=8)
+    table, ppl = load_table(good, ids, 8, P)
+    assert ppl == 3.5 and np.array_equal(table.targets, ids[1:])
+    assert load_table(good, ids, 8, P + 2) == (None, None)                   # another model's table
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(good.read_bytes()[:200])
+    assert load_table(bad, ids, 8, P) == (None, None)
+    mark = tmp_path / "pwned"
+    np.savez(bad, window=8, ids=ids, perplexity=1.0, top1=np.array([_Pickled(mark)], dtype=object))
+    assert load_table(bad, ids, 8, P) == (None, None) and not mark.exists()
