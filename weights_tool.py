@@ -6,8 +6,9 @@
     python weights_tool.py inspect PATH                 # model dir, .safetensors or .gguf
     python weights_tool.py random OUT_DIR --layers 2    # tiny random HF LLaMA for tests
 
-`--json` prints machine-readable output on stdout. Progress goes to stderr.
-Nothing here loads tensors it does not need: `inspect` reads only file headers.
+`--json` prints machine-readable output on stdout. Progress goes to stderr. An error, such as
+a damaged or hostile file, is one line on stderr with exit code 2, as in `python -m minee`.
+Nothing here loads tensors it does not need: `inspect` reads (and checks) only file headers.
 """
 
 from __future__ import annotations
