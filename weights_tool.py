@@ -75,33 +75,34 @@ def _magic(path: Path) -> bytes:
 def _inspect_gguf(path: Path) -> dict:
     """inspect_path for a .gguf: metadata summary and tensor table."""
     reader = open_gguf(path)
-    meta = gguf_metadata(reader)
-    arch = meta.get("general.architecture")
-    k = lambda n: meta.get(f"{arch}.{n}")  # noqa: E731
-    d, heads = k("embedding_length"), k("attention.head_count")
-    names = {t.name for t in reader.tensors}
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    scaling = k("rope.scaling.type")
-    summary = {
-        "architecture": arch,
-        "layers": k("block_count"), "d_model": d, "heads": heads,
-        "kv_heads": k("attention.head_count_kv") or heads,
-        "head_dim": k("attention.key_length") or (d // heads if d and heads else None),
-        "ffn": k("feed_forward_length"),
-        "vocab": int(embd.shape[-1]) if embd is not None else meta.get("tokenizer.ggml.tokens"),
-        "rope_theta": k("rope.freq_base"),
-        "rope_scaling": scaling if scaling not in (None, "none") else
-        ("llama3 (rope_freqs tensor)" if "rope_freqs.weight" in names else None),
-        "tied": "output.weight" not in names,
-        "dtype": sorted({t.tensor_type.name for t in reader.tensors}),
-        "tokenizer": meta.get("tokenizer.ggml.model"),
-        "name": meta.get("general.name"),
-    }
-    tensors = [{"name": t.name, "dtype": t.tensor_type.name,
-                "shape": [int(s) for s in reversed(t.shape)]} for t in reader.tensors]
-    n_params = sum(math.prod(t["shape"]) for t in tensors)
-    return {"path": str(path), "kind": "gguf", "summary": summary, "tensors": tensors,
-            "n_params": n_params, "n_tensors": len(tensors)}
+    with reading_gguf(path):  # a damaged GGUF is one error naming it
+        meta = gguf_metadata(reader)
+        arch = meta.get("general.architecture")
+        k = lambda n: meta.get(f"{arch}.{n}")  # noqa: E731
+        d, heads = k("embedding_length"), k("attention.head_count")
+        names = {t.name for t in reader.tensors}
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        scaling = k("rope.scaling.type")
+        summary = {
+            "architecture": arch,
+            "layers": k("block_count"), "d_model": d, "heads": heads,
+            "kv_heads": k("attention.head_count_kv") or heads,
+            "head_dim": k("attention.key_length") or (d // heads if d and heads else None),
+            "ffn": k("feed_forward_length"),
+            "vocab": int(embd.shape[-1]) if embd is not None else meta.get("tokenizer.ggml.tokens"),
+            "rope_theta": k("rope.freq_base"),
+            "rope_scaling": scaling if scaling not in (None, "none") else
+            ("llama3 (rope_freqs tensor)" if "rope_freqs.weight" in names else None),
+            "tied": "output.weight" not in names,
+            "dtype": sorted({t.tensor_type.name for t in reader.tensors}),
+            "tokenizer": meta.get("tokenizer.ggml.model"),
+            "name": meta.get("general.name"),
+        }
+        tensors = [{"name": t.name, "dtype": t.tensor_type.name,
+                    "shape": [int(s) for s in reversed(t.shape)]} for t in reader.tensors]
+        n_params = sum(math.prod(t["shape"]) for t in tensors)
+        return {"path": str(path), "kind": "gguf", "summary": summary, "tensors": tensors,
+                "n_params": n_params, "n_tensors": len(tensors)}
 
 
 def inspect_path(path) -> dict:
@@ -119,8 +120,7 @@ def inspect_path(path) -> dict:
             return inspect_path(ggufs[0])
         tensors = _safetensors_tensors(safetensors_files(path))
     elif path.suffix == ".gguf" or _magic(path) == b"GGUF":
-        with reading_gguf(path):  # a damaged GGUF is one error naming it
-            return _inspect_gguf(path)
+        return _inspect_gguf(path)
     else:
         kind = "safetensors"
         if (path.parent / "config.json").is_file():
