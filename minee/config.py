@@ -92,7 +92,8 @@ def _int(value, key, low=1):
 def _number(value, key, low, high, why):
     """value (of field key) as a float in [low, high]; NaN and Infinity, which Python's json reads, fail."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(f"{key} must be a number from {low:g} to {high:g} ({why}), got {value!r}")
+        span = f"from {low:g} to {high:g}" if high < math.inf else f">= {low:g}"
+        raise ConfigError(f"{key} must be a number {span} ({why}), got {value!r}")
     return float(value)
 
 

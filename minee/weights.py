@@ -93,7 +93,7 @@ def _check_entry(path, name, info, data_size):
         raise bad(f"its header entry is {info!r:.40}, not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise bad(f"unknown dtype {dtype!r:.40} (safetensors dtypes: {', '.join(DTYPES)})")
+        raise bad(f"unknown dtype {dtype!r:.40} (the safetensors dtypes minee knows: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise bad(f"shape {shape!r:.60} is not a list of whole numbers >= 0")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):

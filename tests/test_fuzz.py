@@ -19,6 +19,9 @@ import pytest
 import weights_tool
 from test_convert import write_tiny_llama_gguf
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the worker relies on fork and RLIMIT_AS as Linux provides them")
+
 HERE = Path(__file__).resolve().parent
 MEMORY_CAP = 1 << 30                          # RLIMIT_AS of the process that loads the cases
 SEEDS_PER_KIND = 60

@@ -464,6 +464,20 @@ def test_truncated_gguf_is_one_gguf_error(tiny_gguf, tmp_path, cut):
         assert r.stderr.count("\n") == 1 and r.stderr.count(str(bad)) == 1
 
 
+def test_gguf_with_nan_weights_is_refused_at_conversion(tiny_gguf, tmp_path):
+    import gguf
+
+    norm = next(t for t in gguf.GGUFReader(str(tiny_gguf)).tensors if t.name == "output_norm.weight")
+    raw = bytearray(tiny_gguf.read_bytes())
+    raw[norm.data_offset + 8:norm.data_offset + 12] = b"\xff\xff\xff\x7f"           # one float32 NaN
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(GGUFError) as e:
+        gguf_to_hf(bad, tmp_path / "out", progress=False)
+    assert str(e.value).startswith(f"{bad}: tensor output_norm.weight holds NaN")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_gguf_chat_template_is_copied_and_sandboxed(tiny_gguf, tmp_path):
     """convert keeps a GGUF's chat template; a hostile one runs nothing when minee renders it."""
     mark = tmp_path / "pwned"
