@@ -6,11 +6,11 @@ from .generate import Generation, generate, generate_batch
 from .model import Model, hook_names
 from .speculative import speculative_generate
 from .threads import get_threads, set_threads
-from .tokenizer import load_tokenizer
+from .tokenizer import TokenizerError, load_tokenizer
 from .weights import WeightsError, load_weights
 
-__all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "generate_batch", "speculative_generate", "hook_names",
-           "ConfigError", "WeightsError", "set_threads", "get_threads"]
+__all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "generate_batch", "speculative_generate",
+           "hook_names", "ConfigError", "WeightsError", "TokenizerError", "set_threads", "get_threads"]
 
 
 def resolve(src, progress=True) -> Path:
