@@ -152,13 +152,15 @@ def cmd_shortcuts_fit(args):
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; fitting shortcuts encodes a text corpus")
     ids = corpus_ids(model.tokenizer, args.corpus, args.max_tokens or None, args.skip_tokens)
-    if args.kl_steps:                                    # check the refinement's settings before the fit
-        refine_args = dict(steps=args.kl_steps, batch=args.kl_batch, lr=args.kl_lr, tokens=args.kl_tokens)
-        if min(args.kl_batch, args.kl_tokens) < 1 or args.kl_lr <= 0:
-            raise ValueError("--kl-batch and --kl-tokens must be >= 1 and --kl-lr > 0")
+    P = 2 * model.config.n_layers
+    first = P // 3 - 1 if args.kl_min_point is None else args.kl_min_point
+    if args.kl_steps and (min(args.kl_batch, args.kl_tokens) < 1 or args.kl_lr <= 0 or not 0 <= first < P - 1):
+        raise ValueError(f"--kl-batch and --kl-tokens must be >= 1, --kl-lr > 0 and --kl-min-point in "
+                         f"0 .. {P - 2}")                 # checked before the fit, not after it
     sc = fit(model, ids, ridge=args.ridge, window=args.window, progress=not args.json)
     if args.kl_steps:
-        sc = refine(model, sc, ids, window=args.window, progress=not args.json, **refine_args)
+        sc = refine(model, sc, ids, points=range(first, P - 1), steps=args.kl_steps, batch=args.kl_batch,
+                    lr=args.kl_lr, tokens=args.kl_tokens, window=args.window, progress=not args.json)
     sc.save(args.out)
     if args.json:
         print(json.dumps({"out": args.out, **sc.meta}))
@@ -245,9 +247,11 @@ def parser():
     fit.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                      help=f"pull towards the identity, relative to the states' variance (default {DEFAULT_RIDGE})")
     fit.add_argument("--kl-steps", type=int, default=0, help="Adam steps on KL after least squares (0 = none)")
-    fit.add_argument("--kl-tokens", type=int, default=4096, help="tokens the KL steps draw from")
-    fit.add_argument("--kl-batch", type=int, default=128, help="tokens per KL step")
-    fit.add_argument("--kl-lr", type=float, default=1e-4, help="Adam learning rate of the KL steps")
+    fit.add_argument("--kl-tokens", type=int, default=4096, help="tokens the KL steps draw from (default 4096)")
+    fit.add_argument("--kl-batch", type=int, default=64, help="tokens per KL step (default 64)")
+    fit.add_argument("--kl-lr", type=float, default=3e-4, help="Adam learning rate of the KL steps (default 3e-4)")
+    fit.add_argument("--kl-min-point", type=int, default=None,
+                     help="refine exit points from this one on (default: a third of the way in, 19 of 60)")
     fit.set_defaults(run=cmd_shortcuts_fit)
     return p
 

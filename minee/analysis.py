@@ -15,6 +15,7 @@ from .hooks import exit_point_names
 from .lens import log_softmax, point_chunks, point_logits, shortcut_label, windows
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+MODERN_PROSE = Path(__file__).parent / "data" / "modern_prose.txt"     # held-out text for shortcuts (E7)
 BUCKETS = ("word_initial", "continuation", "other")
 
 
