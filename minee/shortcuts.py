@@ -20,7 +20,6 @@ import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -75,7 +74,7 @@ class Shortcuts:
 
 
 def identity(model):
-    """Shortcuts that change nothing (weight = I, bias = 0 at every point): the plain lens."""
+    """weight (P, D, D), bias (P, D) of maps that change nothing (I and 0 at every point): the plain lens."""
     P, D = 2 * model.config.n_layers, model.config.d_model
     return (np.broadcast_to(np.eye(D, dtype=np.float32), (P, D, D)).copy(),
             np.zeros((P, D), np.float32))
@@ -84,7 +83,7 @@ def identity(model):
 def fingerprint(model):
     """A short hash of every weight tensor's name, shape and first and last values.
 
-    Cheap (about a millisecond) but different for any other checkpoint, fine-tunes included, so
+    Cheap (milliseconds) but different for any other checkpoint, fine-tunes included, so
     shortcuts fitted on one model are never silently applied to another."""
     h = hashlib.sha256()
     for name in sorted(model.params):
@@ -122,15 +121,19 @@ def state_sums(states, last, points):
                 np.matmul(X.transpose(0, 2, 1), X), np.matmul(X.transpose(0, 2, 1), Y))
 
 
-def window_sums(model, ids, begin, start, end, points):
-    """Sums of one teacher-forced window: the model runs ids[begin:end] and tokens start .. end-1
-    are counted (see lens.windows)."""
+def window_states(model, ids, begin, start, end, points):
+    """One teacher-forced window (see lens.windows): the model runs ids[begin:end]; returns the
+    states of tokens start .. end-1 at `points` (K, T, D) and their last states (T, D)."""
     names = exit_point_names(model.config.n_layers)
     _, acts = model.run_with_cache(np.asarray(ids)[None, begin:end],
                                    names=[names[p] for p in points] + [names[-1]])
     scored = slice(start - begin, end - begin)
-    states = np.stack([acts[names[p]][0, scored] for p in points])           # (K, T, D)
-    return state_sums(states, acts[names[-1]][0, scored], points)
+    return np.stack([acts[names[p]][0, scored] for p in points]), acts[names[-1]][0, scored]
+
+
+def window_sums(model, ids, begin, start, end, points):
+    """Sums of one teacher-forced window; windows' sums add up in any order."""
+    return state_sums(*window_states(model, ids, begin, start, end, points), points)
 
 
 def solve(sums, ridge=DEFAULT_RIDGE):
@@ -238,16 +241,14 @@ def refine(model, sc, ids, points=None, steps=100, batch=64, lr=3e-4, tokens=409
     if steps < 1 or batch < 1 or tokens < 1 or lr <= 0:
         raise ValueError(f"refine needs steps >= 1, batch >= 1, tokens >= 1 and lr > 0, "
                          f"got {steps}, {batch}, {tokens}, {lr}")
-    names = exit_point_names(model.config.n_layers)
     spans = windows(len(ids), window, context)
     keep = np.unique(np.linspace(0, len(spans) - 1, max(1, -(-tokens // window))).round().astype(int))
     states, last = [], []
     for begin, start, end in tqdm([spans[i] for i in keep], desc="KL states", unit="window",
                                   disable=not progress):
-        _, acts = model.run_with_cache(ids[None, begin:end], names=[names[p] for p in points] + [names[-1]])
-        scored = slice(start - begin, end - begin)
-        states.append(np.stack([acts[names[p]][0, scored] for p in points]))   # (K, T, D)
-        last.append(acts[names[-1]][0, scored])
+        x, y = window_states(model, ids, begin, start, end, points)          # (K, T, D), (T, D)
+        states.append(x)
+        last.append(y)
     states, last = np.concatenate(states, axis=1), np.concatenate(last)       # (K, N, D), (N, D)
     weight, bias = sc.weight.copy(), sc.bias.copy()
     adam = [_Adam(weight[p], bias[p]) for p in points]

@@ -6,7 +6,6 @@ as unembed(h_p @ weight[p] + bias[p]), finite differences for the KL gradient, n
 """
 import io
 import json
-import shutil
 import zipfile
 
 import numpy as np
@@ -321,41 +320,30 @@ def test_the_shortcut_product_is_counted(model):
 
 # ------------------------------------------------------------------ the command line
 
-@pytest.fixture(scope="module")
-def tiny_text_model(tmp_path_factory, smollm2_dir):
-    """A small random LLaMA with SmolLM2's tokenizer, so the text commands run fast."""
-    out = tmp_path_factory.mktemp("tinytok_sc")
-    weights_tool.make_random_model(out, layers=2, d_model=32, heads=4, kv_heads=2, ffn=64, vocab=49152,
-                                   std=0.3, seed=1)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / f, out / f)
-    return out
-
-
-def test_cli_fit_then_use(tiny_text_model, tmp_path, capsys):
+def test_cli_fit_then_use(tiny_with_tokenizer, tmp_path, capsys):
     out = tmp_path / "sc.npz"
-    rc = main(["shortcuts", "fit", "--model", str(tiny_text_model), "--out", str(out), "--max-tokens", "300",
+    rc = main(["shortcuts", "fit", "--model", str(tiny_with_tokenizer), "--out", str(out), "--max-tokens", "300",
                "--skip-tokens", "100", "--kl-steps", "2", "--kl-tokens", "64", "--kl-batch", "16", "--json"])
     assert rc == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tokens"] == 300 and info["method"] == "kl"
-    model = minee.load(tiny_text_model)
+    model = minee.load(tiny_with_tokenizer)
     sc = shortcuts.load(out, model)
     assert sc.meta["kl_steps"] == 2
-    rc = main(["lens", "--model", str(tiny_text_model), "--prompt", "The capital of France is",
+    rc = main(["lens", "--model", str(tiny_with_tokenizer), "--prompt", "The capital of France is",
                "--shortcut", str(out), "--json"])
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     ids = model.tokenizer.encode("The capital of France is")
     assert data["through_shortcut"]["top_ids"] == lens(model, ids, shortcut=sc).top_ids.tolist()
     assert data["top_ids"] == lens(model, ids).top_ids.tolist()
-    rc = main(["generate", "--model", str(tiny_text_model), "--prompt", "Hello", "--max-new-tokens", "3",
+    rc = main(["generate", "--model", str(tiny_with_tokenizer), "--prompt", "Hello", "--max-new-tokens", "3",
                "--exit", "fixed:1", "--shortcut", str(out), "--json"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["stats"]["shortcut"].startswith("shortcut (kl")
 
 
-def test_cli_errors_are_one_line(tiny_text_model, tmp_path, capsys):
+def test_cli_errors_are_one_line(tiny_with_tokenizer, tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     bad.write_text("not a zip")
     for argv, message in [
@@ -363,8 +351,8 @@ def test_cli_errors_are_one_line(tiny_text_model, tmp_path, capsys):
         (["lens", "--prompt", "Hi", "--shortcut", str(bad)], "not a .npz archive"),
         (["shortcuts", "fit", "--out", str(tmp_path / "no" / "sc.npz")], "directory does not exist"),
     ]:
-        rc = main(argv[:1] + ["--model", str(tiny_text_model)] + argv[1:] if argv[0] != "shortcuts"
-                  else argv[:2] + ["--model", str(tiny_text_model)] + argv[2:])
+        rc = main(argv[:1] + ["--model", str(tiny_with_tokenizer)] + argv[1:] if argv[0] != "shortcuts"
+                  else argv[:2] + ["--model", str(tiny_with_tokenizer)] + argv[2:])
         err = capsys.readouterr()
         assert rc == 2 and err.out == ""
         assert message in err.err and err.err.count("\n") == 1
