@@ -125,13 +125,19 @@ def _kind(row):
     return row["gate"].split(":")[0].split(",")[0]
 
 
+def _sweep(row):
+    """The gate kind with its options: one threshold sweep, e.g. 'confidence,min_point=19'."""
+    head, _, options = row["gate"].partition(",")
+    return head.split(":")[0] + ("," + options if options else "")
+
+
 def plot_gate_pareto(rows, out=None, title="Gates: exit error vs layers used (teacher-forced)", shortcut=None):
     """One line per gate kind over its threshold sweep; the oracle as a star (E2, E6).
     shortcut: the same kind of rows for gates reading a shortcut, drawn dashed."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for rows_, style, suffix in ((rows, "-", ""), (shortcut or [], "--", " + shortcut")):
-        for i, kind in enumerate(dict.fromkeys(_kind(r) for r in rows_)):
-            pts = sorted((r["mean_layers_used"], r["exit_error"]) for r in rows_ if _kind(r) == kind)
+    for rows_, style, suffix, key in ((rows, "-", "", _kind), (shortcut or [], "--", " + shortcut", _sweep)):
+        for i, kind in enumerate(dict.fromkeys(key(r) for r in rows_)):
+            pts = sorted((r["mean_layers_used"], r["exit_error"]) for r in rows_ if key(r) == kind)
             if kind == "oracle":
                 ax.scatter(*zip(*pts), marker="*" if not suffix else "P", s=200, color="black",
                            label="oracle" + suffix, zorder=3)

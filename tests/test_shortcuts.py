@@ -356,3 +356,31 @@ def test_cli_errors_are_one_line(tiny_with_tokenizer, tmp_path, capsys):
         err = capsys.readouterr()
         assert rc == 2 and err.out == ""
         assert message in err.err and err.err.count("\n") == 1
+
+
+def test_figures_show_plain_and_shortcut_side_by_side(model, ids, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minee.lens import corpus_lens
+    from minee.plots import plot_lens, plot_point_curves
+
+    class Tok:                                          # the tiny model has no tokenizer
+        def decode(self, ids):
+            return f"t{ids[0]}"
+    sc = random_shortcuts(model)
+    plain, through = lens(model, ids[:6], k=1), lens(model, ids[:6], k=1, shortcut=sc)
+    fig = plot_lens(plain, Tok(), metric="kl", out=tmp_path / "lens.png", shortcut=through)
+    left, right = [ax for ax in fig.axes if ax.images]
+    np.testing.assert_array_equal(left.images[0].get_array(), plain.metrics["kl"])
+    np.testing.assert_array_equal(right.images[0].get_array(), through.metrics["kl"])
+    assert left.images[0].get_clim() == right.images[0].get_clim()       # one colour scale for both
+    assert right.texts[0].get_text() == f"t{through.top_ids[0, 0, 0]}"
+    a, b = corpus_lens(model, ids[:65], progress=False), corpus_lens(model, ids[:65], progress=False, shortcut=sc)
+    fig = plot_point_curves(a, tmp_path / "curves.png", shortcut=b)
+    agree_panel = fig.axes[0]
+    assert [line.get_label() for line in agree_panel.lines] == ["plain lens", "shortcut"]
+    np.testing.assert_allclose(agree_panel.lines[1].get_ydata(), b["agree"])
+    assert (tmp_path / "lens.png").stat().st_size > 5000 and (tmp_path / "curves.png").stat().st_size > 5000
+    plt.close("all")
