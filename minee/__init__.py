@@ -6,11 +6,11 @@ from .generate import Generation, generate, generate_batch
 from . import shortcuts
 from .model import Model, hook_names
 from .threads import get_threads, set_threads
-from .tokenizer import load_tokenizer
+from .tokenizer import TokenizerError, load_tokenizer
 from .weights import WeightsError, load_weights
 
 __all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "generate_batch", "hook_names",
-           "ConfigError", "WeightsError", "set_threads", "get_threads", "shortcuts"]
+           "ConfigError", "WeightsError", "TokenizerError", "set_threads", "get_threads", "shortcuts"]
 
 
 def resolve(src, progress=True) -> Path:

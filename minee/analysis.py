@@ -5,6 +5,7 @@ and every token n, what a gate could look at (top-1, confidence, margin, entropy
 previous state) and the lens's KL to the final distribution. Everything else is cheap array
 arithmetic on those (P, N) tables, so each experiment is a short function.
 """
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,7 +345,7 @@ def cached_table(model, path, ids, window, reuse, progress, shortcut=None):
     """teacher_forced() of ids, read from `path` if reuse and it was saved for the same ids, window
     and shortcut (written there otherwise). Returns (table, perplexity)."""
     key = "plain" if shortcut is None else shortcut.digest()
-    tf, ppl = load_table(path, ids, window, key) if reuse else (None, None)
+    tf, ppl = load_table(path, ids, window, 2 * model.config.n_layers, key) if reuse else (None, None)
     if tf is None:
         tf, ppl = teacher_forced(model, ids, window=window, progress=progress, shortcut=shortcut)
         save_table(path, tf, ppl, ids, window, key)
@@ -356,15 +357,20 @@ def save_table(path, tf, perplexity, ids, window, key="plain"):
                         **{k: getattr(tf, k) for k in TeacherForced.__dataclass_fields__})
 
 
-def load_table(path, ids, window, key="plain"):
-    """(table, perplexity) saved by save_table for these ids, window and key, else (None, None)."""
-    if not Path(path).is_file():
+def load_table(path, ids, window, n_points, key="plain"):
+    """(table, perplexity) saved by save_table for these ids, window, n_points exit points and key
+    ("plain" or a shortcut's digest), else (None, None): a missing, damaged or foreign file is
+    recomputed (np.load never unpickles)."""
+    N = len(ids) - 1                                                   # predictions in the table
+    shapes = {k: (n_points, N) for k in TeacherForced.__dataclass_fields__} | {"targets": (N,), "inputs": (N,)}
+    try:
+        with np.load(path) as z:
+            if (int(z["window"]) != window or not np.array_equal(z["ids"], ids) or str(z["key"]) != key
+                    or any(z[k].shape != shape for k, shape in shapes.items())):
+                return None, None
+            return TeacherForced(**{k: z[k] for k in shapes}), float(z["perplexity"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None, None
-    z = np.load(path)
-    if (int(z["window"]) != window or not np.array_equal(z["ids"], ids)
-            or "key" not in z or str(z["key"]) != key):
-        return None, None
-    return TeacherForced(**{k: z[k] for k in TeacherForced.__dataclass_fields__}), float(z["perplexity"])
 
 
 def head_cost_in_layers(config):

@@ -384,3 +384,17 @@ def test_figures_show_plain_and_shortcut_side_by_side(model, ids, tmp_path):
     np.testing.assert_allclose(agree_panel.lines[1].get_ydata(), b["agree"])
     assert (tmp_path / "lens.png").stat().st_size > 5000 and (tmp_path / "curves.png").stat().st_size > 5000
     plt.close("all")
+
+
+def test_reused_tables_are_told_apart_by_shortcut(model, ids, tmp_path):
+    from minee.analysis import cached_table
+    path, seq = tmp_path / "t.npz", ids[:40]
+    a, b = random_shortcuts(model, seed=1), random_shortcuts(model, seed=2)
+    tf_a, _ = cached_table(model, path, seq, 16, reuse=True, progress=False, shortcut=a)
+    again, _ = cached_table(model, path, seq, 16, reuse=True, progress=False, shortcut=a)
+    np.testing.assert_array_equal(again.top1, tf_a.top1)
+    tf_b, _ = cached_table(model, path, seq, 16, reuse=True, progress=False, shortcut=b)   # recomputed
+    states = all_states(model, seq[:-1])
+    np.testing.assert_array_equal(tf_b.top1[2], model.unembed(b.apply(states[2], 2)).argmax(-1))
+    plain, _ = cached_table(model, path, seq, 16, reuse=True, progress=False)
+    np.testing.assert_array_equal(plain.top1[2], model.unembed(states[2]).argmax(-1))
