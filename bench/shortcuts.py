@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minee                                                      # noqa: E402
-from early_exit import full_nll, plain_decode                     # noqa: E402
+from early_exit import full_nll, plain_decode, unit_costs         # noqa: E402
 from minee.exits import ExitDecoder, stable_point                 # noqa: E402
 from minee.lens import exit_states, point_logits                  # noqa: E402
 
@@ -141,7 +141,8 @@ def run(args):
         r = rows[-1]
         print(f"[{i + 1}/{len(configs)}] {spec} kv={r['kv']} shortcut={sc}: agreement {r['agreement']:.3f}, "
               f"layers {r['mean_layers_used']:.1f}, speedup {r['speedup']:.2f}x", file=sys.stderr)
-    return {"model": args.model, "shortcut": args.shortcut, "shortcut_meta": shortcut.meta,
+    costs = unit_costs(model, reps=50, extra={"shortcut": lambda x: shortcut.apply(x, 29)})
+    return {"model": args.model, "shortcut": args.shortcut, "shortcut_meta": shortcut.meta, "unit_costs_s": costs,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
             "blas": [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()],
             "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
@@ -157,6 +158,10 @@ def table(res):
         lines.append(f"| `{r['gate']}` | {r['kv']} | {'yes' if r['shortcut'] else 'no'} | {r['agreement']:.3f} | "
                      f"{r['identical_prefix']:.3f} | {r['nll']:.3f} | {r['mean_layers_used']:.1f} | "
                      f"{r['lm_head_calls_per_token']:.1f} | {r['speedup']:.2f}x |")
+    u = res["unit_costs_s"]
+    lines += ["", f"Unit costs at decode (median of 50, interleaved): attention sub-layer {u['attn'] * 1e6:.0f} us, "
+              f"FFN sub-layer {u['mlp'] * 1e6:.0f} us, LM head {u['lm_head'] * 1e6:.0f} us, "
+              f"shortcut map {u['shortcut'] * 1e6:.0f} us"]
     return "\n".join(lines)
 
 

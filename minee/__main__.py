@@ -146,12 +146,15 @@ def cmd_shortcuts_fit(args):
     from .shortcuts import fit, refine
     if not Path(args.out).resolve().parent.is_dir():
         raise FileNotFoundError(f"cannot write {args.out}: its directory does not exist")
-    if args.kl_steps < 0:
-        raise ValueError(f"--kl-steps must be >= 0 (0 = least squares only), got {args.kl_steps}")
+    if args.kl_steps < 0 or args.ridge < 0 or args.skip_tokens < 0:
+        raise ValueError("--kl-steps (0 = least squares only), --ridge and --skip-tokens must be >= 0")
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; fitting shortcuts encodes a text corpus")
     ids = corpus_ids(model.tokenizer, args.corpus, args.max_tokens or None, args.skip_tokens)
+    if len(ids) < 2:
+        raise ValueError(f"the corpus has {len(ids)} tokens after --skip-tokens {args.skip_tokens}; "
+                         "fitting needs a longer text")
     P = 2 * model.config.n_layers
     first = P // 3 - 1 if args.kl_min_point is None else args.kl_min_point
     if args.kl_steps and (min(args.kl_batch, args.kl_tokens) < 1 or args.kl_lr <= 0 or not 0 <= first < P - 1):
