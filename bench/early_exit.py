@@ -226,11 +226,16 @@ def main():
     args = p.parse_args()
     with threadpool_limits(args.threads):
         res = run(args)
-    out = Path(args.out)
+    save_results(res, args.out, "early_exit", table, plot)
+
+
+def save_results(res, out_dir, name, table, plot):
+    """Write NAME.json, NAME.md (table(res)) and NAME.png (plot) into out_dir; print the table."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "early_exit.json").write_text(json.dumps(res, indent=1))
-    (out / "early_exit.md").write_text(table(res) + "\n")
-    plot(res, out / "early_exit.png")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{name}.md").write_text(table(res) + "\n")
+    plot(res, out / f"{name}.png")
     print(table(res))
 
 

@@ -21,7 +21,6 @@ Rows:
                               [--repeats 2] [--out bench/results]
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minee                                                      # noqa: E402
-from early_exit import full_nll, plain_decode, unit_costs         # noqa: E402
+from early_exit import full_nll, plain_decode, save_results, unit_costs   # noqa: E402
 from minee.exits import ExitDecoder, stable_point                 # noqa: E402
 from minee.lens import exit_states, point_logits                  # noqa: E402
 
@@ -211,12 +210,7 @@ def main():
     args = p.parse_args()
     with threadpool_limits(args.threads):
         res = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shortcuts.json").write_text(json.dumps(res, indent=1))
-    (out / "shortcuts.md").write_text(table(res) + "\n")
-    plot(res, out / "shortcuts.png")
-    print(table(res))
+    save_results(res, args.out, "shortcuts", table, plot)
 
 
 if __name__ == "__main__":
