@@ -3,6 +3,7 @@ from pathlib import Path
 
 from .config import ConfigError, ModelConfig, load_config
 from .generate import Generation, generate, generate_batch
+from . import shortcuts
 from .model import Model, hook_names
 from .speculative import speculative_generate
 from .threads import get_threads, set_threads
@@ -10,7 +11,7 @@ from .tokenizer import TokenizerError, load_tokenizer
 from .weights import WeightsError, load_weights
 
 __all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "generate_batch", "speculative_generate",
-           "hook_names", "ConfigError", "WeightsError", "TokenizerError", "set_threads", "get_threads"]
+           "hook_names", "ConfigError", "WeightsError", "TokenizerError", "set_threads", "get_threads", "shortcuts"]
 
 
 def resolve(src, progress=True) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .lens import log_softmax
+from .lens import log_softmax, point_logits
 from .ops import apply_rope, linear, rms_norm
 
 GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
@@ -210,7 +210,7 @@ def flops(config, S):
     D, F, V, hd = config.d_model, config.d_ff, config.vocab_size, config.head_dim
     q, kv = config.n_heads * hd, config.n_kv_heads * hd
     return {"attn": 2 * D * (2 * q + 2 * kv) + 4 * q * S, "mlp": 6 * D * F,
-            "lm_head": 2 * D * V, "kv_project": 4 * D * kv}
+            "lm_head": 2 * D * V, "kv_project": 4 * D * kv, "shortcut": 2 * D * D}
 
 
 # ------------------------------------------------------------------ one early-exit decode step
@@ -220,6 +220,7 @@ class ExitStats:
     """Accumulated over decode steps: where tokens exited and what it cost."""
     points: list = field(default_factory=list)
     lm_head_calls: int = 0
+    shortcut_calls: int = 0
     flops: float = 0.0
 
     def summary(self, config):
@@ -230,6 +231,7 @@ class ExitStats:
                 "mean_layers_used": float(((pts + 1) / 2).mean()) if len(pts) else None,
                 "share_early": float((pts < full - 1).mean()) if len(pts) else None,
                 "lm_head_calls_per_token": self.lm_head_calls / n,
+                "shortcut_calls_per_token": self.shortcut_calls / n,
                 "flops_per_token": self.flops / n}
 
 
@@ -240,11 +242,20 @@ class ExitDecoder:
     at its candidate points, keeps each row's state at the point where it exits, fills the
     skipped blocks' keys/values (kv mode) and returns the logits (B, V) at the exit points. The
     batch is vectorized, so a step lasts until its slowest row exits; step(token, kv) is B=1.
+
+    shortcut (minee.shortcuts.Shortcuts): decode an early exit point p through its affine map,
+    lm_head(final_norm(h_p @ weight[p] + bias[p])), for the gate's features and for the token.
+    The skipped blocks' keys/values are still filled from the exit state h_p itself (propagate)
+    or the exit block's K/V (copy): the map estimates the *last* state, which no block's K/V
+    projection sees, while h_p is the input the next block really expects
+    (docs/reproduction.md, E7, measures the alternative).
     """
 
-    def __init__(self, model, gate, kv="copy"):
+    def __init__(self, model, gate, kv="copy", shortcut=None):
         check_kv_mode(kv)
-        self.model, self.gate, self.kv_mode = model, parse_gate(gate), kv
+        if shortcut is not None:
+            shortcut.check_model(model)
+        self.model, self.gate, self.kv_mode, self.shortcut = model, parse_gate(gate), kv, shortcut
         self.n_points = 2 * model.config.n_layers
         self.candidates = set(self.gate.candidates(self.n_points))
         if self.gate.kind == "fixed" and not 0 <= self.gate.value < self.n_points:
@@ -281,10 +292,18 @@ class ExitDecoder:
         self.stats.flops += len(x) * self.cost["attn" if p % 2 == 0 else "mlp"]
         return self.sublayer(p, x, positions, kv)
 
-    def _unembed(self, x):
-        """Logits (n, V) of states x (n, 1, D), with the LM head's cost in the stats."""
+    def _decode(self, x, points):
+        """Logits (n, V) of states x (n, 1, D) at exit points (n,), through the shortcut if any
+        (except at the last point, where it is the identity), with their costs in the stats."""
         self.stats.lm_head_calls += len(x)
         self.stats.flops += len(x) * self.cost["lm_head"]
+        if self.shortcut is None:
+            return self.model.unembed(x)[:, -1]
+        early = points < self.n_points - 1
+        self.stats.shortcut_calls += int(early.sum())
+        self.stats.flops += int(early.sum()) * self.cost["shortcut"]
+        x = x.copy()
+        x[early] = self.shortcut.apply(x[early], points[early])              # (n_early, 1, D)
         return self.model.unembed(x)[:, -1]
 
     def _gated(self, x, positions, kv):
@@ -305,7 +324,7 @@ class ExitDecoder:
             live = ~done
             f = {"depth": np.full(B, p / last), "cosine": cosine(x[:, 0], before[:, 0])}
             if self.gate.needs_logits:
-                logits[live] = self._unembed(x[live])
+                logits[live] = self._decode(x[live], np.full(live.sum(), p))
                 f.update(logit_features(log_softmax(logits)))
                 run = np.where(f["top1"] == prev_top1, run + 1, 1)
                 prev_top1, f["run"] = f["top1"], run
@@ -315,22 +334,23 @@ class ExitDecoder:
             done |= exit_now
         states[~done] = x[~done]
         if (~decoded).any():
-            logits[~decoded] = self._unembed(states[~decoded])
+            logits[~decoded] = self._decode(states[~decoded], points[~decoded])
         return points, states, logits
 
     def _oracle(self, x, positions, kv):
         """Run every point, then exit in hindsight at each row's first point from which the top-1
-        stays final. The stats count what an ideal gate would pay: the sub-layers up to p, one LM head."""
+        (through the shortcut, if any) stays final. The stats count what an ideal gate would pay:
+        the sub-layers up to p, one LM head (and one shortcut)."""
         states = []
         for p in range(self.n_points):
             x = self.sublayer(p, x, positions, kv)
             states.append(x[:, 0])
         states = np.stack(states)                                          # (P, B, D)
-        points = stable_point(self.model.unembed(states).argmax(-1))        # (B,)
+        points = stable_point(point_logits(self.model, states, slice(None), self.shortcut).argmax(-1))  # (B,)
         sub = np.array([self.cost["attn" if q % 2 == 0 else "mlp"] for q in range(self.n_points)])
         self.stats.flops += float(np.cumsum(sub)[points].sum())
         exit_states = states[points, np.arange(len(points))][:, None]       # (B, 1, D)
-        return points, exit_states, self._unembed(exit_states)
+        return points, exit_states, self._decode(exit_states, points)
 
     def fill_skipped(self, points, states, positions, kv):
         """Keys/values at each row's new position for the blocks after its exit block (points // 2).

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .exits import ExitDecoder, check_kv_mode
+from .lens import shortcut_label
 from .ops import softmax
 
 
@@ -95,19 +96,20 @@ class TextStream:
 
 
 def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-             chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy"):
+             chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy", shortcut=None):
     """Continue `prompt` (text or ids) by up to max_new_tokens tokens; on_text(piece) streams the text.
 
     exit: a gate (spec string such as "confidence:0.9" or an exits.Gate) to leave the network
     early on every decoded token; kv: how the skipped layers' keys/values are filled
-    ("copy", "propagate" or "compute", see exits.py). The prompt always runs the full model.
+    ("copy", "propagate" or "compute", see exits.py); shortcut: minee.shortcuts.Shortcuts through
+    which an early exit point is decoded (needs exit=). The prompt always runs the full model.
     """
     return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, chat,
-                          stop_at_eos, on_text, exit, kv)[0]
+                          stop_at_eos, on_text, exit, kv, shortcut)[0]
 
 
 def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy"):
+                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy", shortcut=None):
     """generate() for B prompts (of any token lengths) at once: one Generation per prompt.
 
     Each prompt is prefilled into a cache row of its own; then every step decodes all rows
@@ -119,6 +121,9 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     check_kv_mode(kv)
+    if shortcut is not None and exit is None:
+        raise ValueError("a shortcut changes how early exits are decoded; give an exit gate too "
+                         "(exit=..., --exit on the command line)")
     if on_text is not None and len(prompts) != 1:
         raise ValueError("on_text streams one sequence; pass a single prompt to stream")
     ids = [encode_prompt(model, p, chat) for p in prompts]
@@ -132,7 +137,7 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
         def step(tokens, cache):
             return model.forward(np.array(tokens)[:, None], kv_cache=cache)[:, -1], np.full(B, last_point)
     else:
-        decoder = ExitDecoder(model, exit, kv)
+        decoder = ExitDecoder(model, exit, kv, shortcut)
         step = decoder.step_batch
     cache = model.new_kv_cache(B, longest + max_new_tokens)
     stream = TextStream(model.tokenizer)
@@ -160,7 +165,8 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
              "prefill_s": t1 - t0, "decode_s": t2 - t1,
              "decode_tokens_per_s": (n_new - B) / (t2 - t1) if n_new > B else None}
     if decoder is not None:
-        stats.update(gate=str(decoder.gate), kv=kv, **decoder.stats.summary(model.config))
+        stats.update(gate=str(decoder.gate), kv=kv, shortcut=shortcut and shortcut_label(shortcut),
+                     **decoder.stats.summary(model.config))
     def text(t):
         return model.tokenizer.decode(t, skip_special_tokens=True) if model.tokenizer else ""
 

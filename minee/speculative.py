@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .exits import ExitDecoder, parse_gate
+from .lens import shortcut_label
 from .generate import (Generation, TextStream, check_context, check_sampling, draw, encode_prompt, probabilities,
                        sample)
 
@@ -68,15 +69,16 @@ class DraftDecoder(ExitDecoder):
             super().fill_skipped(points, states, positions, kv)
 
 
-def draft_decoder(model, draft, k):
-    """A DraftDecoder for the draft gate spec, once draft and k are checked (errors name the fix)."""
+def draft_decoder(model, draft, k, shortcut=None):
+    """A DraftDecoder for the draft gate spec (drafts decoded through the shortcut, if any), once
+    draft and k are checked (errors name the fix)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (tokens drafted per cycle) must be a whole number >= 1, got {k!r}")
     gate = parse_gate(draft)
     if gate.kind == "oracle":
         raise ValueError("the oracle gate runs the full model to find its exit point, so it cannot "
                          "draft; draft with fixed:P or a gate such as confidence:0.9")
-    return DraftDecoder(model, gate, "copy")
+    return DraftDecoder(model, gate, "copy", shortcut)
 
 
 @dataclass
@@ -203,11 +205,13 @@ def speculate(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng
 
 # ------------------------------------------------------------------ generation
 
-def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=DEFAULT_K, temperature=0.0,
-                         seed=None, top_k=None, top_p=None, chat=False, stop_at_eos=True, on_text=None):
+def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=DEFAULT_K, shortcut=None,
+                         temperature=0.0, seed=None, top_k=None, top_p=None, chat=False, stop_at_eos=True,
+                         on_text=None):
     """Continue `prompt` (text or ids) like minee.generate, drafting k tokens per cycle by early
     exit (draft: a gate spec, e.g. "fixed:39" = after block 19's FFN) and keeping only what the full
-    model confirms.
+    model confirms. shortcut (minee.shortcuts.Shortcuts): decode the drafts through its affine
+    maps; verification still continues from the exit states themselves.
 
     Greedy (temperature 0), the tokens are minee.generate's. Sampling draws every token from
     exactly the distribution generate samples from, though not the same tokens for a seed (the
@@ -218,7 +222,7 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
     verify_s. exit_points: the draft point of each
     accepted draft, the last point for the full model's tokens.
     """
-    decoder = draft_decoder(model, draft, k)
+    decoder = draft_decoder(model, draft, k, shortcut)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     ids = encode_prompt(model, prompt, chat)
     check_context(model, len(ids), max_new_tokens)
@@ -251,7 +255,7 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
     n_new = len(tokens)
     out = {"prompt_tokens": len(ids), "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
            "decode_tokens_per_s": (n_new - 1) / (t2 - t1) if n_new > 1 else None,
-           "draft": str(decoder.gate), "k": k, **stats.summary(),
+           "draft": str(decoder.gate), "k": k, "shortcut": shortcut and shortcut_label(shortcut), **stats.summary(),
            "mean_draft_point": decoder.stats.summary(model.config)["mean_exit_point"]}
     text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer else ""
     return Generation(ids, tokens, text, out, points)
