@@ -1,36 +1,43 @@
 """Self-speculative decoding on a real model: wall-clock speedup over plain decoding, acceptance,
 and a cost model that says where speculation can pay.
 
-    python bench/speculative.py [--threads 1] [--new-tokens 64] [--points 39,47,53,57] [--ks 1,2,4]
-                                [--gates SPEC;SPEC] [--quick] [--out bench/results]
+    python bench/speculative.py [--threads 1] [--new-tokens 64] [--points 39,47,55] [--ks 1,2,4]
+                                [--gates SPEC;SPEC] [--shortcut FILE.npz | --fit-tokens N | --no-shortcut]
+                                [--quick] [--out bench/results]
 
 What it does, in one process with BLAS pinned to --threads:
   1. plain greedy decoding of every prompt in bench/prompts.txt (the reference tokens);
-  2. teacher-forced acceptance: one forward pass over each prompt + its plain tokens gives, at every
-     exit point p, whether the early-exit top-1 equals the full model's. Along the greedy path
-     that is exactly whether a draft at p is accepted, so alpha(p) is the acceptance rate per draft
-     and replaying the flags through the cycle rule gives the exact number of cycles of any (p, k);
-  3. unit costs, measured: one attention sub-layer, one FFN sub-layer and the LM head on R = 1 ..
-     k+1 rows (a middle block, at a typical position; medians of interleaved repeats);
-  4. the cost model. Plain decoding costs T_plain = L (attn_1 + ffn_1) + head_1 per token. A cycle
+  2. shortcuts for the drafts: --shortcut FILE, else least squares fitted on the first --fit-tokens
+     tokens of minee's corpus (never on the prompts); every configuration runs without and with it;
+  3. teacher-forced acceptance: one forward pass over each prompt + its plain tokens gives, at every
+     exit point p, whether the early-exit top-1 (plain lens, and through the shortcut) equals the
+     full model's. Along the greedy path that is exactly whether a draft at p is accepted: alpha(p)
+     is the acceptance rate of a draft, and replaying the flags through the cycle rule gives the
+     exact cycles of any (p, k);
+  4. unit costs, measured: one attention sub-layer, one FFN sub-layer and the LM head on R = 1 ..
+     k+1 rows (block 15, at a typical position), one shortcut map; medians of interleaved repeats;
+  5. the cost model. Plain decoding costs T_plain = L (attn_1 + ffn_1) + head_1 per token. A cycle
      with k drafts at point p costs
-         T_cycle = k (early_1(p) + head_1)           k drafts: sub-layers 0 .. p and the LM head
-                 + early_1(p)                        the last row's early sub-layers (no LM head)
-                 + late_{k+1}(p) + head_{k+1}        verification: the other sub-layers and the
-                                                     LM head on k+1 rows at once
-     and yields 1 + a + a^2 + .. + a^k tokens if each draft is accepted with probability a
-     independently. The break-even acceptance a* solves (1 - a^(k+1)) / (1 - a) = T_cycle / T_plain
-     (none when T_cycle > (k+1) T_plain: even all-accepted drafts lose). The predicted speedup
-     replays the measured acceptance flags (exact cycles) through the unit costs;
-  5. measured runs, interleaved per prompt: plain, every configuration (rotated order), plain.
-     Speedup = plain decode seconds / speculative decode seconds over all prompts (prefill is the
-     same full-model pass in both and is left out). Every greedy output is compared to plain's.
+         T_cycle = k (early_1(p) + head_1 [+ map_1])  k drafts: sub-layers 0 .. p, the LM head
+                                                      (and the shortcut map)
+                 + early_1(p)                         the last row's early sub-layers (no LM head)
+                 + late_{k+1}(p) + head_{k+1}         verification: the other sub-layers and the
+                                                      LM head on k+1 rows at once
+     and yields 1 + a + .. + a^k tokens if each draft is accepted with probability a independently.
+     The break-even acceptance a* solves (1 - a^(k+1)) / (1 - a) = T_cycle / T_plain (none when
+     T_cycle > (k+1) T_plain: even all-accepted drafts lose). It is given with the measured
+     multi-row costs and with ideal ones (R rows cost one row: a matmul that reads its weights
+     once). The predicted speedup replays the measured acceptance flags through the unit costs;
+  6. measured runs, interleaved per prompt: plain, every configuration (rotated order), plain.
+     Speedup = plain decode seconds / speculative decode seconds summed over the prompts (the
+     prefill is the same full-model pass in both and is left out); the median of the per-prompt
+     ratios next to it. Every greedy output is compared with plain decoding's.
 
-Progress goes to stderr; a markdown report to stdout and to OUT/speculative.md, the numbers to
-OUT/speculative.json. --quick: 3 prompts x 16 tokens, two configurations, a smoke run.
+Progress goes to stderr; a markdown report to stdout and OUT/speculative.md, the numbers to
+OUT/speculative.json, the acceptance-vs-break-even figure to OUT/speculative.png.
+--quick: 3 prompts x 16 tokens, one point and k, a shortcut fitted on 1,024 tokens: a smoke run.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,38 +49,47 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minee                                                      # noqa: E402
+from early_exit import save_results                               # noqa: E402
+from minee.analysis import corpus_ids                             # noqa: E402
 from minee.hooks import exit_point_names                          # noqa: E402
+from minee.lens import point_logits, shortcut_label               # noqa: E402
 from minee.speculative import speculative_generate                # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GOAL = 1.3
 GATE = "confidence:0.5,min_point=41,attn_points=0,check_every=2"   # checks after blocks 20, 22, .., 28
+TABLE_POINTS = (19, 29, 39, 47, 53, 55, 57, 58)                     # cost-model rows in the report
 
 
 def log(msg):
     print(f"[speculative] {msg}", file=sys.stderr, flush=True)
 
 
+def loadavg():
+    return open("/proc/loadavg").read().split()[:3]
+
+
 def machine():
-    """CPU, cores, BLAS (library, kernel, threads), load average."""
+    """CPU, cores, BLAS (library, version, kernel, threads), NumPy."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "unknown")
     blas = [f"{i['internal_api']} {i.get('version')} {i.get('architecture')} x{i['num_threads']}"
             for i in threadpool_info()]
     return {"cpu": cpu, "cores": os.cpu_count(), "blas": blas, "numpy": np.__version__,
-            "python": platform.python_version(), "loadavg": open("/proc/loadavg").read().split()[:3]}
+            "python": platform.python_version()}
 
 
 # ------------------------------------------------------------------ acceptance, teacher-forced
 
-def agreement(model, prompt_ids, tokens):
-    """(P, n-1) bool: does exit point p's top-1 equal the full model's, at the positions that
-    predict tokens[1:] (tokens[0] comes from the prefill)?"""
+def agreement(model, prompt_ids, tokens, shortcut=None):
+    """(P, n-1) bool: does exit point p's top-1 (through the shortcut, if any) equal the full
+    model's, at the positions that predict tokens[1:] (tokens[0] comes from the prefill)?"""
     names = exit_point_names(model.config.n_layers)
     ids = np.array(list(prompt_ids) + list(tokens[:-1]))
     _, acts = model.run_with_cache(ids, names=names)
     steps = slice(len(prompt_ids), len(ids))                              # inputs tokens[0 .. n-2]
-    top1 = np.stack([model.unembed(acts[n][0, steps]).argmax(-1) for n in names])   # (P, n-1)
+    top1 = np.stack([point_logits(model, acts[name][0, steps], p, shortcut).argmax(-1)
+                     for p, name in enumerate(names)])                    # (P, n-1)
     return top1 == top1[-1]
 
 
@@ -93,16 +109,17 @@ def replay(flags, k):
 
 # ------------------------------------------------------------------ unit costs and the cost model
 
-def unit_costs(model, max_rows, position, reps=15):
-    """Median seconds of one attention sub-layer, one FFN sub-layer (block 15) and one LM head on
-    R = 1 .. max_rows rows at positions position .. (a cache filled up to there)."""
+def unit_costs(model, max_rows, position, shortcut, reps=15):
+    """Median seconds of one attention sub-layer, one FFN sub-layer (block 15), the LM head on
+    R = 1 .. max_rows rows at positions `position` .. (a cache filled up to there), and of one
+    shortcut map on one row."""
     kv = model.new_kv_cache(1, position + max_rows + 1)
     model.forward(np.arange(position) % 1000 + 100, kv_cache=kv)
     rng = np.random.default_rng(0)
     x = {r: (rng.standard_normal((1, r, model.config.d_model)) * 2).astype(np.float32)
          for r in range(1, max_rows + 1)}
     pos = {r: position + np.arange(r)[None] for r in x}
-    fns = {}
+    fns = {("map", 1): lambda: shortcut.apply(x[1], 39)} if shortcut else {}
     for r in x:
         fns[("attn", r)] = lambda r=r: model.attn_sublayer(15, x[r], pos[r], kv)
         fns[("mlp", r)] = lambda r=r: model.mlp_sublayer(15, x[r])
@@ -114,8 +131,15 @@ def unit_costs(model, max_rows, position, reps=15):
             fn()
             times[key].append(time.perf_counter() - t0)
     out = {kind: [None] + [float(np.median(times[(kind, r)])) for r in x] for kind in ("attn", "mlp", "head")}
+    out["map"] = float(np.median(times[("map", 1)])) if shortcut else 0.0
     out["position"] = position
     return out
+
+
+def ideal(costs):
+    """The unit costs if R rows cost what one row costs (a matmul that reads its weights once,
+    whatever the number of rows: the memory-bound ideal the verification pass is designed for)."""
+    return {**costs, **{kind: [None] + [costs[kind][1]] * (len(costs[kind]) - 1) for kind in ("attn", "mlp", "head")}}
 
 
 def early(costs, p, rows=1):
@@ -132,10 +156,10 @@ def plain_token(costs, n_layers):
     return early(costs, 2 * n_layers - 1) + costs["head"][1]
 
 
-def cycle_seconds(costs, p, k, n_layers):
-    """Predicted seconds of one cycle with k drafts at fixed point p (module docstring, step 4)."""
-    return (k * (early(costs, p) + costs["head"][1]) + early(costs, p)
-            + late(costs, p, k + 1, n_layers) + costs["head"][k + 1])
+def cycle_seconds(costs, p, k, n_layers, shortcut=False):
+    """Predicted seconds of one cycle with k drafts at fixed point p (module docstring, step 5)."""
+    draft = early(costs, p) + costs["head"][1] + (costs["map"] if shortcut else 0.0)
+    return k * draft + early(costs, p) + late(costs, p, k + 1, n_layers) + costs["head"][k + 1]
 
 
 def break_even(ratio, k):
@@ -149,16 +173,10 @@ def break_even(ratio, k):
     return (lo + hi) / 2
 
 
-def ideal(costs):
-    """The unit costs if R rows cost what one row costs (a matmul that reads its weights once,
-    whatever the number of rows: the memory-bound ideal the verification pass is designed for)."""
-    return {**costs, **{kind: [None] + [costs[kind][1]] * (len(costs[kind]) - 1) for kind in ("attn", "mlp", "head")}}
-
-
 def cost_model(costs, ks, n_layers):
     """Per point p = 0 .. 2L-2 and k: cycle time over a plain token, the break-even acceptance, the
-    speedup if every draft were accepted, and the acceptance the goal needs; with the measured
-    multi-row costs and with ideal ones."""
+    speedup if every draft were accepted and the acceptance the goal needs; with the measured
+    multi-row costs and with ideal ones (drafts without a shortcut map; it adds costs["map"])."""
     rows = []
     for p in range(2 * n_layers - 1):
         for k in ks:
@@ -171,12 +189,47 @@ def cost_model(costs, ks, n_layers):
     return rows
 
 
-def predicted_seconds(costs, p, cycles, n_layers):
-    """Decode seconds the cost model predicts for the replayed cycles [(drafts, accepted), ...]."""
-    return sum(cycle_seconds(costs, p, d, n_layers) for d, _ in cycles)
-
-
 # ------------------------------------------------------------------ measured runs
+
+def get_shortcut(args, model):
+    """The drafts' shortcuts: loaded from --shortcut, fitted on the corpus, or None (--no-shortcut)."""
+    if args.no_shortcut:
+        return None
+    if args.shortcut:
+        return minee.shortcuts.load(args.shortcut, model)
+    tokens = 1024 if args.quick else args.fit_tokens
+    log(f"fitting least-squares shortcuts on the first {tokens} tokens of minee's corpus")
+    return minee.shortcuts.fit(model, corpus_ids(model.tokenizer, max_tokens=tokens))
+
+
+def timed_runs(model, ids, plain, configs, n):
+    """Per configuration key: decode seconds and stats of every prompt, and the count of outputs
+    that differ from plain decoding. Per prompt: plain, every configuration (rotated), plain."""
+    runs = {"plain": [[] for _ in ids], **{key: [[] for _ in ids] for key in configs}}
+    stats, differ = {key: [] for key in runs}, {key: 0 for key in runs}
+    keys = list(configs)
+    for i, (prompt_ids, want) in enumerate(zip(ids, plain)):
+        order = keys[i % len(keys):] + keys[:i % len(keys)]                 # rotate who goes first
+        for key in ["plain"] + order + ["plain"]:
+            if key == "plain":
+                out = minee.generate(model, prompt_ids, n, stop_at_eos=False)
+            else:
+                gate, k, sc = configs[key]
+                out = speculative_generate(model, prompt_ids, n, draft=gate, k=k, shortcut=sc, stop_at_eos=False)
+            runs[key][i].append(out.stats["decode_s"])
+            stats[key].append(out.stats)
+            differ[key] += out.tokens != want
+        log(f"prompt {i + 1}/{len(ids)} done, loadavg {loadavg()[0]}")
+    return runs, stats, differ
+
+
+def by_position(stats):
+    """Acceptance per draft position pooled over runs: accepted / compared."""
+    compared = np.sum([s["compared_by_position"] for s in stats], 0)                  # (k,)
+    accepted = np.sum([[0 if a is None else a * c for a, c in zip(s["acceptance_by_position"],
+                                                                  s["compared_by_position"])] for s in stats], 0)
+    return [float(a / c) if c else None for a, c in zip(accepted, compared)]
+
 
 def run(args):
     model = minee.load(args.model)
@@ -186,111 +239,96 @@ def run(args):
     points, ks = [int(p) for p in args.points.split(",")], [int(k) for k in args.ks.split(",")]
     if args.quick:
         prompts, n, points, ks = prompts[:3], 16, [47], [2]
-    configs = [(f"fixed:{p}", k) for p in points for k in ks] + [(g, k) for g in args.gates for k in ks[-1:]]
     ids = [model.tokenizer.encode(p) for p in prompts]
-    load_before = open("/proc/loadavg").read().split()[:3]
+    before = loadavg()
+    sc = get_shortcut(args, model)
+    variants = {"plain lens": None, **({"shortcut": sc} if sc else {})}
+    configs = {}
+    for name, s in variants.items():
+        suffix = " +shortcut" if s else ""
+        configs.update({f"fixed:{p} k={k}{suffix}": (f"fixed:{p}", k, s) for p in points for k in ks})
+        configs.update({f"{g} k={ks[-1]}{suffix}": (g, ks[-1], s) for g in args.gates})
     log(f"{len(prompts)} prompts x {n} tokens, {len(configs)} configurations, {args.threads} thread(s), "
-        f"loadavg {' '.join(load_before)}")
+        f"loadavg {' '.join(before)}")
 
     plain = [minee.generate(model, i, n, stop_at_eos=False).tokens for i in ids]
-    per_prompt_flags = [agreement(model, i, t) for i, t in zip(ids, plain)]                  # (P, n-1) each
-    alpha = np.concatenate(per_prompt_flags, axis=1).mean(1)                                   # (P,)
+    flags = {name: [agreement(model, i, t, s) for i, t in zip(ids, plain)] for name, s in variants.items()}
+    alpha = {name: np.concatenate(f, axis=1).mean(1).tolist() for name, f in flags.items()}     # (P,)
     position = int(np.mean([len(i) for i in ids])) + n // 2
-    costs = unit_costs(model, max(ks) + 1, position)
+    costs = unit_costs(model, max(ks) + 1, position, sc)
     log(f"unit costs at position {position}: attn {costs['attn'][1] * 1e3:.2f} ms, FFN "
         f"{costs['mlp'][1] * 1e3:.2f} ms, LM head {costs['head'][1] * 1e3:.2f} ms (1 row)")
 
-    times = {"plain": [[] for _ in ids], **{f"{g} k={k}": [[] for _ in ids] for g, k in configs}}
-    stats, mismatches = {key: [] for key in times}, {key: 0 for key in times}
-    for i, (prompt_ids, want) in enumerate(zip(ids, plain)):
-        order = configs[i % len(configs):] + configs[:i % len(configs)]        # rotate who goes first
-        for gate, k in [(None, 0)] + order + [(None, 0)]:
-            if gate is None:
-                out, key = minee.generate(model, prompt_ids, n, stop_at_eos=False), "plain"
-            else:
-                out = speculative_generate(model, prompt_ids, n, draft=gate, k=k, stop_at_eos=False)
-                key = f"{gate} k={k}"
-            times[key][i].append(out.stats["decode_s"])
-            stats[key].append(out.stats)
-            mismatches[key] += out.tokens != want
-        log(f"prompt {i + 1}/{len(ids)} done, loadavg {open('/proc/loadavg').read().split()[0]}")
-    load_after = open("/proc/loadavg").read().split()[:3]
-
-    plain_s = np.array([np.mean(t) for t in times["plain"]])                    # (prompts,)
+    runs, stats, differ = timed_runs(model, ids, plain, configs, n)
+    plain_s = np.array([np.mean(t) for t in runs["plain"]])                 # (prompts,) mean of 2 runs
     rows = []
-    for gate, k in configs:
-        key = f"{gate} k={k}"
-        spec_s = np.array([t[0] for t in times[key]])
-        st = stats[key]
-        drafted, accepted = sum(s["drafted"] for s in st), sum(s["accepted"] for s in st)
-        row = {"draft": gate, "k": k, "speedup": float(plain_s.sum() / spec_s.sum()),
+    for key, (gate, k, s) in configs.items():
+        spec_s, st = np.array([t[0] for t in runs[key]]), stats[key]
+        drafted, accepted = sum(x["drafted"] for x in st), sum(x["accepted"] for x in st)
+        row = {"config": key, "draft": gate, "k": k, "shortcut": s is not None,
+               "speedup": float(plain_s.sum() / spec_s.sum()),
                "speedup_median_prompt": float(np.median(plain_s / spec_s)),
                "acceptance_rate": accepted / drafted, "drafted": drafted, "accepted": accepted,
-               "acceptance_by_position": by_position(st, k),
-               "tokens_per_cycle": float(np.mean([s["tokens_per_cycle"] for s in st])),
-               "draft_share": float(sum(s["draft_s"] for s in st) / sum(s["decode_s"] for s in st)),
-               "mean_draft_point": float(np.mean([s["mean_draft_point"] for s in st])),
-               "identical": len(ids) - mismatches[key], "decode_s": float(spec_s.sum())}
+               "acceptance_by_position": by_position(st),
+               "tokens_per_cycle": (accepted + sum(x["cycles"] for x in st)) / sum(x["cycles"] for x in st),
+               "draft_share": float(sum(x["draft_s"] for x in st) / sum(x["decode_s"] for x in st)),
+               "identical": len(ids) - differ[key], "decode_s": float(spec_s.sum())}
         if gate.startswith("fixed:"):
-            p = int(gate.split(":")[1])
-            cycles = [c for f in per_prompt_flags for c in replay(f[p], k)]
-            row["alpha_teacher_forced"] = float(alpha[p])
-            row["predicted_speedup"] = float(len(ids) * (n - 1) * plain_token(costs, L)
-                                             / predicted_seconds(costs, p, cycles, L))
-            row["break_even"] = break_even(cycle_seconds(costs, p, k, L) / plain_token(costs, L), k)
+            p, variant = int(gate.split(":")[1]), "shortcut" if s else "plain lens"
+            cycles = [c for f in flags[variant] for c in replay(f[p], k)]
+            predicted = sum(cycle_seconds(costs, p, d, L, s is not None) for d, _ in cycles)
+            row["alpha_teacher_forced"] = alpha[variant][p]
+            row["predicted_speedup"] = len(ids) * (n - 1) * plain_token(costs, L) / predicted
+            row["break_even"] = break_even(cycle_seconds(costs, p, k, L, s is not None) / plain_token(costs, L), k)
         rows.append(row)
     return {"model": args.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "threads": args.threads, "machine": machine(), "loadavg_before": load_before,
-            "loadavg_after": load_after, "prompts": len(ids), "new_tokens": n,
-            "plain_decode_s": float(plain_s.sum()), "plain_identical": len(ids) - mismatches["plain"],
-            "alpha_by_point": alpha.tolist(), "unit_costs_s": costs,
-            "cost_model": cost_model(costs, ks, L), "table_points": sorted(set(points) | {19, 29, 39, 47, 53, 57, 58}),
-            "rows": rows}
-
-
-def by_position(stats, k):
-    """Acceptance per draft position pooled over runs: accepted / compared."""
-    compared = np.sum([s["compared_by_position"] for s in stats], 0)                  # (k,)
-    accepted = np.sum([[0 if a is None else a * c for a, c in zip(s["acceptance_by_position"], s["compared_by_position"])]
-                       for s in stats], 0)
-    return [float(a / c) if c else None for a, c in zip(accepted, compared)]
+            "threads": args.threads, "machine": machine(), "loadavg_before": before, "loadavg_after": loadavg(),
+            "prompts": len(ids), "new_tokens": n, "plain_decode_s": float(plain_s.sum()),
+            "shortcut": sc and (args.shortcut or shortcut_label(sc)),
+            "alpha_by_point": alpha, "unit_costs_s": costs, "cost_model": cost_model(costs, ks, L), "rows": rows}
 
 
 # ------------------------------------------------------------------ report
 
+def pct(a):
+    return "n/a" if a is None else f"{a:.0%}"
+
+
 def report(res):
-    pct = lambda a: "n/a" if a is None else f"{a:.0%}"                        # noqa: E731
     m, c = res["machine"], res["unit_costs_s"]
+    L = len(res["alpha_by_point"]["plain lens"]) // 2
     lines = [f"{res['date']}, {m['cpu']}, {m['cores']} cores, {', '.join(m['blas'])}, NumPy {m['numpy']}; "
              f"loadavg {' '.join(res['loadavg_before'])} before, {' '.join(res['loadavg_after'])} after.",
              f"{res['prompts']} prompts x {res['new_tokens']} greedy tokens; plain decoding "
-             f"{res['plain_decode_s']:.1f} s (mean of the runs before and after each prompt's configurations).",
-             "", "| draft | k | speedup (median prompt) | predicted | acceptance | by position | "
-             "tokens/cycle | alpha (teacher-forced) | break-even | draft share of time | identical |",
+             f"{res['plain_decode_s']:.1f} s (mean of the runs before and after each prompt's configurations); "
+             f"shortcut: {res['shortcut'] or 'none'}.",
+             "", "| draft | k | speedup (median prompt) | predicted | acceptance | by position | tokens/cycle | "
+             "alpha (teacher-forced) | break-even | time drafting | identical |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "n/a"
-        lines.append(f"| `{r['draft']}` | {r['k']} | {r['speedup']:.2f}x ({r['speedup_median_prompt']:.2f}x) | {pred} | "
-                     f"{r['acceptance_rate']:.0%} | {' '.join(pct(a) for a in r['acceptance_by_position'] or [])} | "
+        sc = " + shortcut" if r["shortcut"] else ""
+        lines.append(f"| `{r['draft']}`{sc} | {r['k']} | {r['speedup']:.2f}x ({r['speedup_median_prompt']:.2f}x) | "
+                     f"{pred} | {r['acceptance_rate']:.0%} | {' '.join(pct(a) for a in r['acceptance_by_position'])} | "
                      f"{r['tokens_per_cycle']:.2f} | {pct(r.get('alpha_teacher_forced'))} | "
-                     f"{pct(r.get('break_even')) if 'break_even' in r else 'n/a'} | {r['draft_share']:.0%} | "
+                     f"{pct(r['break_even']) if 'break_even' in r else 'n/a'} | {r['draft_share']:.0%} | "
                      f"{r['identical']}/{res['prompts']} |")
-    L = len(res["alpha_by_point"]) // 2
     lines += ["", f"Unit costs at position {c['position']} (medians): " + "; ".join(
         f"{kind} " + ", ".join(f"{r} row{'s' * (r > 1)} {v * 1e3:.2f} ms" for r, v in enumerate(c[kind]) if v)
-        for kind in ("attn", "mlp", "head")),
-        f"Plain token (model): {plain_token(c, L) * 1e3:.1f} ms.", "",
-        "Cost model (measured multi-row costs / ideal: R rows cost one row):", "",
+        for kind in ("attn", "mlp", "head")) + f"; shortcut map {c['map'] * 1e3:.2f} ms.",
+        f"Plain token from these: {plain_token(c, L) * 1e3:.1f} ms.", "",
+        "Cost model, measured multi-row costs / ideal ones (R rows cost one row), drafts without a shortcut:", "",
         "| point | k | cycle / plain token | best case (all accepted) | break-even acceptance | "
-        f"acceptance for {GOAL}x | alpha (teacher-forced) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        f"acceptance for {GOAL}x | alpha, plain lens / shortcut |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    alpha = res["alpha_by_point"]
     for r in res["cost_model"]:
-        if r["point"] not in res["table_points"]:
+        if r["point"] not in TABLE_POINTS:
             continue
-        me, ie = r["measured"], r["ideal"]
-        lines.append(f"| {r['point']} | {r['k']} | {me['cycle_over_plain']:.2f} / {ie['cycle_over_plain']:.2f} | "
+        me, ie, p = r["measured"], r["ideal"], r["point"]
+        lines.append(f"| {p} | {r['k']} | {me['cycle_over_plain']:.2f} / {ie['cycle_over_plain']:.2f} | "
                      f"{me['best_speedup']:.2f}x / {ie['best_speedup']:.2f}x | {pct(me['break_even'])} / "
                      f"{pct(ie['break_even'])} | {pct(me['for_goal'])} / {pct(ie['for_goal'])} | "
-                     f"{res['alpha_by_point'][r['point']]:.0%} |")
+                     f"{pct(alpha['plain lens'][p])} / {pct(alpha.get('shortcut', [None] * (p + 1))[p])} |")
     return "\n".join(lines)
 
 
@@ -298,8 +336,8 @@ def plot(res, out):
     """Acceptance per exit point (teacher-forced) against the break-even acceptance per k."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    P = len(res["alpha_by_point"])
-    ax.plot(range(P), res["alpha_by_point"], "k.-", label="acceptance alpha(p), teacher-forced")
+    for (name, alpha), style in zip(res["alpha_by_point"].items(), ("k.-", "m.-")):
+        ax.plot(range(len(alpha)), alpha, style, label=f"acceptance alpha(p), {name} (teacher-forced)")
     ks = sorted({r["k"] for r in res["cost_model"]})
     for k, colour in zip(ks, plt.cm.tab10.colors):
         for name, style in (("measured", "-"), ("ideal", ":")):
@@ -310,8 +348,8 @@ def plot(res, out):
     ax.set_xlabel("draft exit point p (2l: after block l's attention, 2l+1: after its FFN)")
     ax.set_ylabel("acceptance rate")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"Self-speculation on {res['model']}: speculation pays only where alpha(p) is above "
-                 "the break-even", fontsize=9)
+    ax.set_title(f"Self-speculation on {res['model']}: it pays only where alpha(p) is above the break-even",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -323,21 +361,20 @@ def main():
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--points", default="39,47,53,57", help="fixed draft points, comma-separated")
+    p.add_argument("--points", default="39,47,55", help="fixed draft points, comma-separated")
     p.add_argument("--ks", default="1,2,4", help="draft lengths, comma-separated")
     p.add_argument("--gates", default=GATE, type=lambda s: [g for g in s.split(";") if g],
                    help="draft gates (run with the largest k), ';'-separated")
-    p.add_argument("--quick", action="store_true", help="3 prompts x 16 tokens, 2 configurations")
+    p.add_argument("--shortcut", default=None, help="shortcut file (python -m minee shortcuts fit)")
+    p.add_argument("--fit-tokens", type=int, default=8192,
+                   help="without --shortcut: fit least squares on this many corpus tokens")
+    p.add_argument("--no-shortcut", action="store_true", help="only drafts through the plain lens")
+    p.add_argument("--quick", action="store_true", help="3 prompts x 16 tokens, one configuration: a smoke run")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     with threadpool_limits(args.threads):
         res = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speculative.json").write_text(json.dumps(res, indent=1))
-    (out / "speculative.md").write_text(report(res) + "\n")
-    plot(res, out / "speculative.png")
-    print(report(res))
+    save_results(res, args.out, "speculative", report, plot)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,50 @@ def test_stops_at_eos_inside_a_draft(model, draft):
     assert out.exit_points[-1] == p and out.stats["accepted"] > 0    # k = 50: EOS was a draft
 
 
+# ------------------------------------------------------------------ drafts through a shortcut
+
+@pytest.fixture(scope="module")
+def shortcut(model):
+    """Least-squares shortcuts of the tiny model, fitted on 600 random tokens."""
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 600)
+    return minee.shortcuts.fit(model, ids, window=100, context=50, progress=False)
+
+
+def test_drafts_go_through_the_shortcut(model, shortcut):
+    """A cycle's first draft is the shortcut lens's top-1 at the draft point (h_p @ W[p] + b[p],
+    then the final norm and LM head), computed here from a plain forward pass; without the
+    shortcut, the plain lens's top-1."""
+    differ = 0
+    for prompt, p in itertools.product(PROMPTS, range(LAST)):
+        _, acts = model.run_with_cache(np.array(prompt), names=point_name(p))
+        h = acts[point_name(p)][0, -1]                                    # (D,) state at the last position
+        want = {"shortcut": int(model.unembed(h @ shortcut.weight[p] + shortcut.bias[p]).argmax()),
+                "plain": int(model.unembed(h).argmax())}
+        for name, sc in (("shortcut", shortcut), ("plain", None)):
+            kv = model.new_kv_cache(1, len(prompt))
+            model.forward(prompt[:-1], kv_cache=kv)
+            drafts = speculative.draft(draft_decoder(model, f"fixed:{p}", 1, sc), kv, prompt[-1], 1)[0]
+            assert drafts[0] == want[name], (prompt, p, name)
+        differ += want["shortcut"] != want["plain"]
+    assert differ >= 3                                    # the shortcut changes some drafts
+
+
+@pytest.mark.parametrize("draft", ["fixed:1", "fixed:3", "varied"])
+def test_greedy_with_a_shortcut_equals_plain_decoding(model, shortcut, draft):
+    gate = varied_gate(model) if draft == "varied" else draft
+    for prompt in PROMPTS:
+        plain = minee.generate(model, prompt, N_NEW, stop_at_eos=False).tokens
+        out = speculative_generate(model, prompt, N_NEW, draft=gate, k=3, shortcut=shortcut, stop_at_eos=False)
+        assert out.tokens == plain
+        assert out.stats["shortcut"].startswith("shortcut (lstsq")
+
+
+def test_a_shortcut_of_another_model_is_refused(model, small_vocab):
+    other = minee.shortcuts.fit(small_vocab, np.arange(200) % 8, window=50, context=20, progress=False)
+    with pytest.raises(minee.shortcuts.ShortcutsError, match="fitted on another model"):
+        speculative_generate(model, PROMPTS[0], 4, draft="fixed:3", shortcut=other)
+
+
 # ------------------------------------------------------------------ the cache after rollback
 
 def cycles_with_deeper_later_draft(points, k):
@@ -337,8 +381,22 @@ def test_cli_summary_line(tiny_dir, capsys):
     assert "speculative fixed:5 k=4:" in captured.err and "drafts accepted" in captured.err
 
 
+def test_cli_with_a_shortcut(tiny_dir, tmp_path, capsys):
+    model = minee.load(tiny_dir)
+    ids = np.random.default_rng(0).integers(0, 120, 300)
+    minee.shortcuts.fit(model, ids, window=100, context=50, progress=False).save(tmp_path / "sc.npz")
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", words(PROMPTS[0]), "--max-new-tokens", "12"]
+    assert main(argv + ["--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--speculative", "fixed:3", "--shortcut", str(tmp_path / "sc.npz")]) == 0
+    captured = capsys.readouterr()
+    assert words(plain["tokens"]) in captured.out
+    assert "speculative fixed:3 through shortcut (lstsq" in captured.err
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--speculative", "fixed:5", "--exit", "fixed:3"], "drop --exit"),
+    (["--shortcut", "sc.npz"], "give an --exit or --speculative gate too"),
     (["--speculative", "fixed:5", "--k", "0"], "must be a whole number >= 1"),
     (["--k", "3"], "add --speculative DRAFT"),
     (["--speculative", "oracle"], "cannot draft"),
