@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .exits import ExitDecoder, parse_gate
-from .lens import shortcut_label
 from .generate import (Generation, TextStream, check_context, check_sampling, draw, encode_prompt, probabilities,
                        sample)
+from .lens import shortcut_label
 
 DEFAULT_K = 4                 # tokens drafted per cycle
 
@@ -215,12 +215,12 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
 
     Greedy (temperature 0), the tokens are minee.generate's. Sampling draws every token from
     exactly the distribution generate samples from, though not the same tokens for a seed (the
-    random numbers are used differently). stats adds to generate's: draft, k, cycles, drafted,
-    accepted, acceptance_rate (accepted / drafted), acceptance_by_position (at draft position j, the
-    share accepted of the drafts compared, i.e. those whose earlier drafts were all accepted) and
-    compared_by_position (how many were compared), tokens_per_cycle, mean_draft_point, draft_s and
-    verify_s. exit_points: the draft point of each
-    accepted draft, the last point for the full model's tokens.
+    random numbers are used differently). stats adds to generate's: draft, k, shortcut, cycles,
+    drafted, accepted, acceptance_rate (accepted / drafted), acceptance_by_position (at draft
+    position j, the share accepted of the drafts compared, i.e. those whose earlier drafts were all
+    accepted) and compared_by_position (how many were compared), tokens_per_cycle,
+    mean_draft_point, draft_s and verify_s (seconds drafting and verifying). exit_points: the draft
+    point of each accepted draft, the last point for the full model's tokens.
     """
     decoder = draft_decoder(model, draft, k, shortcut)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -255,7 +255,7 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
     n_new = len(tokens)
     out = {"prompt_tokens": len(ids), "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
            "decode_tokens_per_s": (n_new - 1) / (t2 - t1) if n_new > 1 else None,
-           "draft": str(decoder.gate), "k": k, "shortcut": shortcut and shortcut_label(shortcut), **stats.summary(),
-           "mean_draft_point": decoder.stats.summary(model.config)["mean_exit_point"]}
+           "draft": str(decoder.gate), "k": k, "shortcut": shortcut and shortcut_label(shortcut),
+           **stats.summary(), "mean_draft_point": decoder.stats.summary(model.config)["mean_exit_point"]}
     text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer else ""
     return Generation(ids, tokens, text, out, points)
