@@ -54,7 +54,7 @@ def decode(model, prompts, batch_size, max_new_tokens, pick, stop_ids=(), decode
                 slots[s] = row = waiting.popleft()
                 t0 = time.perf_counter()
                 kv.lengths[s] = 0                               # forget the slot's previous prompt
-                logits = model.forward(row.ids, kv_cache=kv, rows=[s])[0, -1]     # prefill: (V,)
+                logits = model.forward(row.ids, kv_cache=kv, rows=[s], last_only=True)[0, -1]   # prefill: (V,)
                 if take(s, logits, full_model):
                     finished.append(row)
                     slots[s] = None

@@ -1,0 +1,312 @@
+"""Batched decoding on a real model: tokens/s against the batch size B (plain and with early exit),
+the queue (minee.generate_many) against one prompt at a time, B=1 against the bandwidth ceiling,
+and what ops.linear's two forms cost for each weight shape.
+
+    python bench/batch.py [--threads 1,2] [--batch-sizes 1,2,4,8,16,32,64] [--new-tokens 24]
+                          [--queue-prompts 64] [--queue-tokens 48] [--repeats 3] [--gate SPEC]
+                          [--quick] [--out bench/results] [--json]
+
+For each thread count (BLAS pinned with threadpoolctl):
+  1. linear: median microseconds of one GEMV per row, one GEMM as x @ W.T and one GEMM as
+     (W @ x.T).T for SmolLM2's five weight shapes and M rows; `rule` marks what ops.linear runs.
+  2. ceiling: BLAS sgemv over a 512 MB matrix (bench/decode.py's measure) / the weight bytes read
+     per decoded token = the B=1 decode tokens/s that streaming the weights allows.
+  3. batch sweep: for each B, B prompts of mixed length (bench/prompts.txt, cycled) decoded
+     together by generate_batch for --new-tokens greedy tokens, plain and with --gate (the README's
+     example gate), interleaved (plain, exit, plain, exit ... over B and repeats); tokens/s counts
+     the decode steps only (new tokens after the first, over decode seconds), medians over repeats.
+  4. queue: --queue-prompts chat prompts of mixed length (prompts.txt lines joined in ones, twos and
+     threes), up to --queue-tokens tokens each, stopping at EOS: generate one by one vs
+     generate_many(batch_size=16), interleaved, medians; wall-clock seconds including prefill.
+Progress goes to stderr; the report (markdown, or JSON with --json) to stdout; the plot of
+tokens/s against B to OUT/batch.png.
+"""
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import minee                                                                      # noqa: E402
+from minee.ops import GEMM_MIN_ROWS                                              # noqa: E402
+from decode import BW_MB, busy_cores, loadavg, machine_report, sgemv_read, weight_bytes   # noqa: E402
+
+README_GATE = "confidence:0.85,min_point=41,attn_points=0,check_every=2"   # the example in README.md
+QUEUE_BATCH = 16
+SHAPES = {"q_proj, o_proj 576x576": (576, 576), "k_proj, v_proj 192x576": (192, 576),
+          "gate_proj, up_proj 1536x576": (1536, 576), "down_proj 576x1536": (576, 1536),
+          "LM head 49152x576": (49152, 576)}
+
+
+def log(msg):
+    print(f"[batch] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs):
+    return float(np.median(xs))
+
+
+def blas_kernel():
+    return ", ".join(f"{p['internal_api']} {p['version']} {p.get('architecture')}"
+                     for p in threadpool_info() if p["user_api"] == "blas")
+
+
+# ----------------------------------------------------------------------------- 1. linear per shape
+
+def linear_table(rows_list, reps):
+    """Median microseconds of the three forms of x (M, in) @ W.T for every shape and M."""
+    rng = np.random.default_rng(0)
+    out = []
+    for name, (o, i) in SHAPES.items():
+        W = rng.standard_normal((o, i)).astype(np.float32)
+        for M in rows_list:
+            x = rng.standard_normal((M, i)).astype(np.float32)
+            forms = {"gemv_per_row": lambda: x[:, None, :] @ W.T, "gemm_x_WT": lambda: x @ W.T,
+                     "gemm_W_xT": lambda: (W @ x.T).T}
+            n = max(2, reps // 8) if o > 10000 else reps
+            times = {k: [] for k in forms}
+            for _ in range(n):                                       # forms interleaved
+                for k, fn in forms.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+            row = {"shape": name, "M": M, **{k: 1e6 * median(v) for k, v in times.items()},
+                   "rule": "gemm_W_xT" if M >= GEMM_MIN_ROWS else "gemv_per_row"}
+            row["best"] = min(forms, key=lambda k: row[k])
+            out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. ceiling
+
+def ceiling(model, reps=7):
+    """B=1 decode tokens/s allowed by streaming the weights: sgemv bandwidth / weight bytes per token."""
+    W = np.full((BW_MB * 2 ** 20 // 4 // 1024, 1024), 1.0, np.float32)
+    x, y = np.ones(1024, np.float32), np.empty(W.shape[0], np.float32)
+    sgemv_read(W, x, y)
+    secs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sgemv_read(W, x, y)
+        secs.append(time.perf_counter() - t0)
+    bandwidth = W.nbytes / median(secs)
+    return {"bandwidth": bandwidth, "weight_bytes": weight_bytes(model)["total"],
+            "tok_s": bandwidth / weight_bytes(model)["total"]}
+
+
+# ----------------------------------------------------------------------------- 3. batch sweep
+
+def decode_rate(model, prompts, n, exit):
+    """Decode tokens/s of generate_batch over these prompts (steps after the first token), and stats."""
+    outs = minee.generate_batch(model, prompts, n, stop_at_eos=False, exit=exit)
+    seconds = max(o.stats["decode_s"] for o in outs)
+    stats = {k: median([o.stats[k] for o in outs]) for k in ("mean_layers_used", "mean_blocks_computed",
+                                                             "lm_head_calls_per_token") if exit}
+    return len(prompts) * (n - 1) / seconds, stats
+
+
+def sweep(model, prompts, sizes, n, gate, repeats):
+    runs = {(B, kind): [] for B in sizes for kind in ("plain", "exit")}
+    stats = {}
+    for r in range(repeats):
+        for B in sizes:
+            batch = [prompts[b % len(prompts)] for b in range(B)]
+            runs[B, "plain"].append(decode_rate(model, batch, n, None)[0])
+            rate, stats[B] = decode_rate(model, batch, n, gate)
+            runs[B, "exit"].append(rate)
+            log(f"repeat {r + 1}/{repeats} B={B}: plain {runs[B, 'plain'][-1]:.1f}, exit {rate:.1f} tokens/s "
+                f"(loadavg {loadavg()})")
+    return [{"B": B, "plain_tok_s": median(runs[B, "plain"]), "exit_tok_s": median(runs[B, "exit"]),
+             "plain_runs": runs[B, "plain"], "exit_runs": runs[B, "exit"], "exit_stats": stats[B]}
+            for B in sizes]
+
+
+# ----------------------------------------------------------------------------- 4. queue
+
+def queue_prompts(lines, count):
+    """count prompts of mixed length: the lines alone, then joined in twos, then threes, ..."""
+    out, k = [], 1
+    while len(out) < count:
+        out += [" ".join(lines[(i + j) % len(lines)] for j in range(k)) for i in range(len(lines))]
+        k += 1
+    return out[:count]
+
+
+def queue(model, prompts, n, repeats):
+    kw = dict(max_new_tokens=n, chat=True)
+    times = {"one_by_one": [], "queue": []}
+    outs = {}
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        outs["one_by_one"] = [minee.generate(model, p, **kw) for p in prompts]
+        times["one_by_one"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        outs["queue"] = list(minee.generate_many(model, prompts, QUEUE_BATCH, progress=False, **kw))
+        times["queue"].append(time.perf_counter() - t0)
+        log(f"queue repeat {r + 1}/{repeats}: one by one {times['one_by_one'][-1]:.1f} s, "
+            f"queue {times['queue'][-1]:.1f} s (loadavg {loadavg()})")
+    lengths = [len(o.tokens) for o in outs["queue"]]
+    return {"prompts": len(prompts), "batch_size": QUEUE_BATCH, "max_new_tokens": n,
+            "prompt_tokens": [len(o.prompt_tokens) for o in outs["queue"]], "new_tokens": lengths,
+            "one_by_one_s": median(times["one_by_one"]), "queue_s": median(times["queue"]),
+            "one_by_one_runs": times["one_by_one"], "queue_runs": times["queue"],
+            "ratio": median(times["one_by_one"]) / median(times["queue"]),
+            "identical_outputs": sum(a.tokens == b.tokens for a, b in zip(outs["queue"], outs["one_by_one"]))}
+
+
+# ----------------------------------------------------------------------------- report
+
+def goals(res):
+    """Each goal of the issue: (text, measured, met)."""
+    out = []
+    for t in res["threads"]:
+        rows = {r["B"]: r for r in t["sweep"]}
+        if 1 in rows and 16 in rows:
+            x = rows[16]["plain_tok_s"] / rows[1]["plain_tok_s"]
+            out.append((f"{t['threads']} thr: B=16 plain >= 8x B=1", f"{x:.1f}x", x >= 8))
+        if t.get("queue"):
+            x = t["queue"]["ratio"]
+            out.append((f"{t['threads']} thr: queue over {t['queue']['prompts']} prompts >= 6x one by one",
+                        f"{x:.1f}x", x >= 6))
+        if 1 in rows:
+            x = rows[1]["plain_tok_s"] / t["ceiling"]["tok_s"]
+            out.append((f"{t['threads']} thr: B=1 decode >= 85% of the bandwidth ceiling", f"{x:.0%}", x >= 0.85))
+        worst = min(t["sweep"], key=lambda r: r["exit_tok_s"] / r["plain_tok_s"])
+        x = worst["exit_tok_s"] / worst["plain_tok_s"]
+        out.append((f"{t['threads']} thr: README gate never slower than plain at the same B",
+                    f"worst {x:.2f}x at B={worst['B']}", x >= 1))
+    return out
+
+
+def markdown(res):
+    a = res["args"]
+    lines = [f"## minee batched decoding: {res['date']}", "",
+             f"model `{a['model']}`, CPU {res['machine']['cpu']} x{res['machine']['cores']}, BLAS {res['blas']}, "
+             f"numpy {np.__version__}; loadavg {res['loadavg_start']} -> {res['loadavg_end']}, cores busy with "
+             f"other work before/after {res['busy_start']:.1f}/{res['busy_end']:.1f}; "
+             f"gate `{a['gate']}` kv=copy; {a['repeats']} interleaved repeats, medians", ""]
+    for t in res["threads"]:
+        c = t["ceiling"]
+        lines += [f"### {t['threads']} BLAS thread(s)", "",
+                  f"Bandwidth (sgemv, {BW_MB} MB) {c['bandwidth'] / 1e9:.1f} GB/s / {c['weight_bytes'] / 1e6:.0f} MB "
+                  f"per token = ceiling {c['tok_s']:.1f} tokens/s at B=1.", "",
+                  f"Decode tokens/s, {a['new_tokens']} new tokens per row, B prompts of mixed length:", "",
+                  "| B | plain | with exit | exit / plain | plain vs B=1 | exit: layers used / blocks computed / LM heads per token |",
+                  "|---:|---:|---:|---:|---:|---|"]
+        base = t["sweep"][0]["plain_tok_s"]
+        for r in t["sweep"]:
+            s = r["exit_stats"]
+            lines.append(f"| {r['B']} | {r['plain_tok_s']:.1f} | {r['exit_tok_s']:.1f} | "
+                         f"{r['exit_tok_s'] / r['plain_tok_s']:.2f} | {r['plain_tok_s'] / base:.1f}x | "
+                         f"{s['mean_layers_used']:.1f} / {s['mean_blocks_computed']:.1f} / "
+                         f"{s['lm_head_calls_per_token']:.1f} |")
+        q = t.get("queue")
+        if q:
+            lines += ["", f"Queue: {q['prompts']} chat prompts of {min(q['prompt_tokens'])}-{max(q['prompt_tokens'])} "
+                          f"tokens, {sum(q['new_tokens'])} new tokens ({min(q['new_tokens'])}-{max(q['new_tokens'])} "
+                          f"per prompt, EOS or {q['max_new_tokens']}): one by one {q['one_by_one_s']:.1f} s, "
+                          f"generate_many(batch_size={q['batch_size']}) {q['queue_s']:.1f} s = **{q['ratio']:.1f}x**; "
+                          f"{q['identical_outputs']}/{q['prompts']} outputs identical."]
+        lines += ["", "ops.linear per shape, microseconds (M rows; `*` = what ops.linear runs):", "",
+                  "| shape | M | GEMV per row | GEMM x @ W.T | GEMM (W @ x.T).T |", "|---|---:|---:|---:|---:|"]
+        for r in t["linear"]:
+            cells = [f"{r[k]:.0f}{'*' if r['rule'] == k else ''}" for k in ("gemv_per_row", "gemm_x_WT", "gemm_W_xT")]
+            lines.append(f"| {r['shape']} | {r['M']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### Goals", "", "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {g} | {m} | {'yes' if ok else '**no**'} |" for g, m, ok in goals(res)]
+    return "\n".join(lines)
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t, colour in zip(res["threads"], ("tab:blue", "tab:orange", "tab:green")):
+        B = [r["B"] for r in t["sweep"]]
+        ax.plot(B, [r["plain_tok_s"] for r in t["sweep"]], "o-", color=colour, label=f"plain, {t['threads']} thr")
+        ax.plot(B, [r["exit_tok_s"] for r in t["sweep"]], "s--", color=colour,
+                label=f"with exit, {t['threads']} thr")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size B (rows decoded together)")
+    ax.set_ylabel("decode tokens/s (all rows)")
+    ax.set_title(f"{res['args']['model']}: {res['args']['new_tokens']} tokens per row, exit gate "
+                 f"{res['args']['gate'].split(',')[0]}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", default="1,2", help="comma-separated BLAS thread counts (default 1,2)")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    p.add_argument("--new-tokens", type=int, default=24, help="tokens per row in the batch sweep")
+    p.add_argument("--queue-prompts", type=int, default=64)
+    p.add_argument("--queue-tokens", type=int, default=48, help="max new tokens per queued prompt")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (the queue: 2 when this is >= 2)")
+    p.add_argument("--gate", default=README_GATE, help=f"early-exit gate (default the README's, {README_GATE})")
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes: B up to 16, 8 tokens, 16 queued prompts of 16 tokens, 1 repeat")
+    p.add_argument("--out", default=str(HERE / "results"), help="directory for batch.png and batch.json")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of markdown")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.new_tokens, args.queue_prompts, args.queue_tokens, args.repeats = \
+            "1,4,16", 8, 16, 16, 1
+    try:
+        args.thread_list = [int(t) for t in args.threads.split(",")]
+        args.sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        p.error("--threads and --batch-sizes take comma-separated whole numbers, e.g. 1,2")
+    if min(args.thread_list + args.sizes) < 1 or min(args.new_tokens, args.repeats) < 2 - args.quick:
+        p.error("thread counts, batch sizes, --new-tokens and --repeats must be >= 1 (--new-tokens >= 2)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model = minee.load(args.model)
+    lines = [line for line in (HERE / "prompts.txt").read_text().splitlines() if line.strip()]
+    res = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "args": {k: v for k, v in vars(args).items() if k not in ("thread_list", "sizes")},
+           "machine": machine_report(), "loadavg_start": loadavg(), "busy_start": busy_cores() or 0.0,
+           "threads": []}
+    for threads in args.thread_list:
+        with threadpool_limits(threads):
+            res["blas"] = blas_kernel()
+            log(f"{threads} thread(s), {res['blas']}: linear per shape ...")
+            t = {"threads": threads,
+                 "linear": linear_table([1, 2, 4, 8, 16] if args.quick else [1, 2, 3, 4, 6, 8, 16, 64],
+                                        reps=10 if args.quick else 40)}
+            log("bandwidth ceiling ...")
+            t["ceiling"] = ceiling(model)
+            log("batch sweep ...")
+            t["sweep"] = sweep(model, lines, args.sizes, args.new_tokens, args.gate, args.repeats)
+            if args.queue_prompts:
+                t["queue"] = queue(model, queue_prompts(lines, args.queue_prompts), args.queue_tokens,
+                                   min(args.repeats, 2))
+            res["threads"].append(t)
+    res["loadavg_end"], res["busy_end"] = loadavg(), busy_cores() or 0.0
+    res["goals"] = [{"goal": g, "measured": m, "met": ok} for g, m, ok in goals(res)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(res, out / "batch.png")
+    (out / "batch.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1) if args.json else markdown(res))
+
+
+if __name__ == "__main__":
+    main()
