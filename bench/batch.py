@@ -1,25 +1,27 @@
-"""Batched decoding on a real model: tokens/s against the batch size B (plain and with early exit),
-the queue (minee.generate_many) against one prompt at a time, B=1 against the bandwidth ceiling,
-and what ops.linear's two forms cost for each weight shape.
+"""Batched decoding on a real model: tokens/s against the batch size B (plain and with early exit,
+with and without compaction of exited rows), the queue (minee.generate_many) against one prompt at a
+time, B=1 against the bandwidth ceiling, and what ops.linear's forms cost for each weight shape.
 
     python bench/batch.py [--threads 1,2] [--batch-sizes 1,2,4,8,16,32,64] [--new-tokens 24]
-                          [--queue-prompts 64] [--queue-tokens 48] [--repeats 3] [--gate SPEC]
+                          [--queue-prompts 64] [--queue-tokens 48] [--repeats 3] [--gate SPEC ...]
                           [--quick] [--out bench/results] [--json]
 
 For each thread count (BLAS pinned with threadpoolctl):
   1. linear: median microseconds of one GEMV per row, one GEMM as x @ W.T and one GEMM as
-     (W @ x.T).T for SmolLM2's five weight shapes and M rows; `rule` marks what ops.linear runs.
-  2. ceiling: BLAS sgemv over a 512 MB matrix (bench/decode.py's measure) / the weight bytes read
-     per decoded token = the B=1 decode tokens/s that streaming the weights allows.
-  3. batch sweep: for each B, B prompts of mixed length (bench/prompts.txt, cycled) decoded
-     together by generate_batch for --new-tokens greedy tokens, plain and with --gate (the README's
-     example gate), interleaved (plain, exit, plain, exit ... over B and repeats); tokens/s counts
-     the decode steps only (new tokens after the first, over decode seconds), medians over repeats.
-  4. queue: --queue-prompts chat prompts of mixed length (prompts.txt lines joined in ones, twos and
-     threes), up to --queue-tokens tokens each, stopping at EOS: generate one by one vs
-     generate_many(batch_size=16), interleaved, medians; wall-clock seconds including prefill.
-Progress goes to stderr; the report (markdown, or JSON with --json) to stdout; the plot of
-tokens/s against B to OUT/batch.png.
+     (W @ x.T).T for SmolLM2's five weight shapes and M rows; `*` marks what ops.linear runs.
+  2. ceiling: BLAS sgemv over a 512 MB matrix (as bench/decode.py measures it) / the weight bytes
+     read per decoded token = the B=1 decode tokens/s that streaming the weights allows.
+  3. sweep: for each B, B prompts of mixed length (bench/prompts.txt, cycled) decoded together by
+     minee's batch loop for --new-tokens greedy tokens: plain, and with each --gate (kv=copy; default
+     the README's example gate and a gate that needs no LM head) with and without compaction
+     (without: exited rows compute on until the slowest row exits, as minee did before). Interleaved
+     (every kind for one B, then the next B, then the next repeat); tokens/s counts the decode
+     steps (the tokens after each row's first over the decode seconds); medians over repeats.
+  4. queue: --queue-prompts chat prompts of mixed length (prompts.txt lines alone, then joined in
+     twos, threes, ...), up to --queue-tokens tokens each, stopping at EOS: minee.generate one by one
+     vs minee.generate_many(batch_size=16), interleaved, medians; wall-clock seconds with prefill.
+Progress goes to stderr; the report (markdown, or JSON with --json) to stdout; OUT/batch.json and
+the plot of tokens/s against B, OUT/batch.png, are written too.
 """
 import argparse
 import datetime
@@ -35,10 +37,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import minee                                                                      # noqa: E402
+from minee.batch import decode                                                   # noqa: E402
+from minee.exits import ExitDecoder                                              # noqa: E402
 from minee.ops import GEMM_MIN_ROWS                                              # noqa: E402
 from decode import BW_MB, busy_cores, loadavg, machine_report, sgemv_read, weight_bytes   # noqa: E402
 
 README_GATE = "confidence:0.85,min_point=41,attn_points=0,check_every=2"   # the example in README.md
+NO_HEAD_GATE = "cosine:0.99,min_point=30"      # needs no LM head to decide; rows exit at different points
 QUEUE_BATCH = 16
 SHAPES = {"q_proj, o_proj 576x576": (576, 576), "k_proj, v_proj 192x576": (192, 576),
           "gate_proj, up_proj 1536x576": (1536, 576), "down_proj 576x1536": (576, 1536),
@@ -103,29 +108,41 @@ def ceiling(model, reps=7):
 
 # ----------------------------------------------------------------------------- 3. batch sweep
 
-def decode_rate(model, prompts, n, exit):
-    """Decode tokens/s of generate_batch over these prompts (steps after the first token), and stats."""
-    outs = minee.generate_batch(model, prompts, n, stop_at_eos=False, exit=exit)
-    seconds = max(o.stats["decode_s"] for o in outs)
-    stats = {k: median([o.stats[k] for o in outs]) for k in ("mean_layers_used", "mean_blocks_computed",
-                                                             "lm_head_calls_per_token") if exit}
-    return len(prompts) * (n - 1) / seconds, stats
+class RideAlong(ExitDecoder):
+    """Early exit without compaction, for comparison: rows that exited keep computing (unused)
+    until the batch's slowest row exits, as minee did before."""
+
+    def computing(self, done):
+        return np.arange(len(done)) if not done.all() else np.flatnonzero(~done)
 
 
-def sweep(model, prompts, sizes, n, gate, repeats):
-    runs = {(B, kind): [] for B in sizes for kind in ("plain", "exit")}
+def decode_rate(model, ids, n, decoder):
+    """Decode tokens/s (steps after each row's first token) of the rows ids decoded together by
+    minee's batch loop, greedy, n tokens each (no EOS)."""
+    rows = list(decode(model, ids, len(ids), n, pick=lambda i, logits: int(logits.argmax()), decoder=decoder))
+    return len(ids) * (n - 1) / max(r.decode_s for r in rows)
+
+
+def sweep(model, prompts, sizes, n, gates, repeats):
+    """Tokens/s for every B: plain, and each gate (kv=copy) with and without compaction."""
+    kinds = {"plain": lambda: None}
+    for g in gates:
+        kinds[g] = lambda g=g: ExitDecoder(model, g, "copy")
+        kinds[f"{g} (no compaction)"] = lambda g=g: RideAlong(model, g, "copy")
+    runs = {(B, k): [] for B in sizes for k in kinds}
     stats = {}
     for r in range(repeats):
         for B in sizes:
-            batch = [prompts[b % len(prompts)] for b in range(B)]
-            runs[B, "plain"].append(decode_rate(model, batch, n, None)[0])
-            rate, stats[B] = decode_rate(model, batch, n, gate)
-            runs[B, "exit"].append(rate)
-            log(f"repeat {r + 1}/{repeats} B={B}: plain {runs[B, 'plain'][-1]:.1f}, exit {rate:.1f} tokens/s "
-                f"(loadavg {loadavg()})")
-    return [{"B": B, "plain_tok_s": median(runs[B, "plain"]), "exit_tok_s": median(runs[B, "exit"]),
-             "plain_runs": runs[B, "plain"], "exit_runs": runs[B, "exit"], "exit_stats": stats[B]}
-            for B in sizes]
+            ids = [model.tokenizer.encode(prompts[b % len(prompts)]) for b in range(B)]
+            for k, make in kinds.items():                              # interleaved: every kind, then the next B
+                decoder = make()
+                runs[B, k].append(decode_rate(model, ids, n, decoder))
+                if decoder is not None:
+                    stats[B, k] = decoder.stats.summary(model.config)
+            log(f"repeat {r + 1}/{repeats} B={B}: " + ", ".join(f"{k} {runs[B, k][-1]:.1f}" for k in kinds)
+                + f" tokens/s (loadavg {loadavg()})")
+    return [{"B": B, "tok_s": {k: median(runs[B, k]) for k in kinds}, "runs": {k: runs[B, k] for k in kinds},
+             "exit_stats": {k: stats[B, k] for k in kinds if k != "plain"}} for B in sizes]
 
 
 # ----------------------------------------------------------------------------- 4. queue
@@ -167,21 +184,22 @@ def goals(res):
     """Each goal of the issue: (text, measured, met)."""
     out = []
     for t in res["threads"]:
-        rows = {r["B"]: r for r in t["sweep"]}
+        rows = {r["B"]: r["tok_s"] for r in t["sweep"]}
         if 1 in rows and 16 in rows:
-            x = rows[16]["plain_tok_s"] / rows[1]["plain_tok_s"]
+            x = rows[16]["plain"] / rows[1]["plain"]
             out.append((f"{t['threads']} thr: B=16 plain >= 8x B=1", f"{x:.1f}x", x >= 8))
         if t.get("queue"):
             x = t["queue"]["ratio"]
             out.append((f"{t['threads']} thr: queue over {t['queue']['prompts']} prompts >= 6x one by one",
                         f"{x:.1f}x", x >= 6))
         if 1 in rows:
-            x = rows[1]["plain_tok_s"] / t["ceiling"]["tok_s"]
+            x = rows[1]["plain"] / t["ceiling"]["tok_s"]
             out.append((f"{t['threads']} thr: B=1 decode >= 85% of the bandwidth ceiling", f"{x:.0%}", x >= 0.85))
-        worst = min(t["sweep"], key=lambda r: r["exit_tok_s"] / r["plain_tok_s"])
-        x = worst["exit_tok_s"] / worst["plain_tok_s"]
-        out.append((f"{t['threads']} thr: README gate never slower than plain at the same B",
-                    f"worst {x:.2f}x at B={worst['B']}", x >= 1))
+        if README_GATE in t["sweep"][0]["tok_s"]:
+            worst = min(rows, key=lambda B: rows[B][README_GATE] / rows[B]["plain"])
+            x = rows[worst][README_GATE] / rows[worst]["plain"]
+            out.append((f"{t['threads']} thr: README gate not slower than plain at any B",
+                        f"worst {x:.2f}x at B={worst}", x >= 1))
     return out
 
 
@@ -191,22 +209,27 @@ def markdown(res):
              f"model `{a['model']}`, CPU {res['machine']['cpu']} x{res['machine']['cores']}, BLAS {res['blas']}, "
              f"numpy {np.__version__}; loadavg {res['loadavg_start']} -> {res['loadavg_end']}, cores busy with "
              f"other work before/after {res['busy_start']:.1f}/{res['busy_end']:.1f}; "
-             f"gate `{a['gate']}` kv=copy; {a['repeats']} interleaved repeats, medians", ""]
+             f"{a['repeats']} interleaved repeats, medians", ""]
     for t in res["threads"]:
         c = t["ceiling"]
         lines += [f"### {t['threads']} BLAS thread(s)", "",
                   f"Bandwidth (sgemv, {BW_MB} MB) {c['bandwidth'] / 1e9:.1f} GB/s / {c['weight_bytes'] / 1e6:.0f} MB "
                   f"per token = ceiling {c['tok_s']:.1f} tokens/s at B=1.", "",
-                  f"Decode tokens/s, {a['new_tokens']} new tokens per row, B prompts of mixed length:", "",
-                  "| B | plain | with exit | exit / plain | plain vs B=1 | exit: layers used / blocks computed / LM heads per token |",
-                  "|---:|---:|---:|---:|---:|---|"]
-        base = t["sweep"][0]["plain_tok_s"]
+                  f"Decode tokens/s, {a['new_tokens']} new tokens per row, B prompts of mixed length "
+                  "(exit: kv=copy; in brackets tokens/s relative to plain at the same B):", "",
+                  "| B | " + " | ".join(f"`{k}`" for k in t["sweep"][0]["tok_s"]) + " | plain vs B=1 |",
+                  "|---:|" + "---:|" * (len(t["sweep"][0]["tok_s"]) + 1)]
+        base = t["sweep"][0]["tok_s"]["plain"]
         for r in t["sweep"]:
-            s = r["exit_stats"]
-            lines.append(f"| {r['B']} | {r['plain_tok_s']:.1f} | {r['exit_tok_s']:.1f} | "
-                         f"{r['exit_tok_s'] / r['plain_tok_s']:.2f} | {r['plain_tok_s'] / base:.1f}x | "
-                         f"{s['mean_layers_used']:.1f} / {s['mean_blocks_computed']:.1f} / "
-                         f"{s['lm_head_calls_per_token']:.1f} |")
+            plain = r["tok_s"]["plain"]
+            cells = [f"{v:.1f}" + ("" if k == "plain" else f" ({v / plain:.2f})") for k, v in r["tok_s"].items()]
+            lines.append(f"| {r['B']} | " + " | ".join(cells) + f" | {plain / base:.1f}x |")
+        lines += ["", "Exit statistics per token at the largest B (layers used = exit depth; blocks computed "
+                      "= what ran for the token; LM heads = vocabulary projections):", "",
+                  "| gate | layers used | blocks computed | LM heads |", "|---|---:|---:|---:|"]
+        for k, st in t["sweep"][-1]["exit_stats"].items():
+            lines.append(f"| `{k}` | {st['mean_layers_used']:.1f} | {st['mean_blocks_computed']:.1f} | "
+                         f"{st['lm_head_calls_per_token']:.1f} |")
         q = t.get("queue")
         if q:
             lines += ["", f"Queue: {q['prompts']} chat prompts of {min(q['prompt_tokens'])}-{max(q['prompt_tokens'])} "
@@ -230,16 +253,17 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ["o-", "s--", "^:", "v-."]
     for t, colour in zip(res["threads"], ("tab:blue", "tab:orange", "tab:green")):
         B = [r["B"] for r in t["sweep"]]
-        ax.plot(B, [r["plain_tok_s"] for r in t["sweep"]], "o-", color=colour, label=f"plain, {t['threads']} thr")
-        ax.plot(B, [r["exit_tok_s"] for r in t["sweep"]], "s--", color=colour,
-                label=f"with exit, {t['threads']} thr")
+        for k, style in zip(t["sweep"][0]["tok_s"], styles):
+            label = "plain" if k == "plain" else k.split(",")[0] + (" (no compaction)" if "no compaction" in k else "")
+            ax.plot(B, [r["tok_s"][k] for r in t["sweep"]], style, color=colour, label=f"{label}, {t['threads']} thr")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size B (rows decoded together)")
     ax.set_ylabel("decode tokens/s (all rows)")
-    ax.set_title(f"{res['args']['model']}: {res['args']['new_tokens']} tokens per row, exit gate "
-                 f"{res['args']['gate'].split(',')[0]}", fontsize=9)
+    ax.set_title(f"{res['args']['model']}: {res['args']['new_tokens']} greedy tokens per row, exit with kv=copy",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -252,27 +276,35 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", default="1,2", help="comma-separated BLAS thread counts (default 1,2)")
-    p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
-    p.add_argument("--new-tokens", type=int, default=24, help="tokens per row in the batch sweep")
-    p.add_argument("--queue-prompts", type=int, default=64)
-    p.add_argument("--queue-tokens", type=int, default=48, help="max new tokens per queued prompt")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (the queue: 2 when this is >= 2)")
-    p.add_argument("--gate", default=README_GATE, help=f"early-exit gate (default the README's, {README_GATE})")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,2,4,8,16,32,64)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens per row in the sweep (default 24)")
+    p.add_argument("--queue-prompts", type=int, default=None, help="prompts in the queue run (default 64; 0 = skip)")
+    p.add_argument("--queue-tokens", type=int, default=None, help="max new tokens per queued prompt (default 48)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repeats (default 3; the queue runs min(repeats, 2))")
+    p.add_argument("--gate", action="append", default=None,
+                   help=f"early-exit gate, repeatable (default {README_GATE}, the README's example, and "
+                        f"{NO_HEAD_GATE}); each is also run without compaction")
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes: B up to 16, 8 tokens, 16 queued prompts of 16 tokens, 1 repeat")
+                   help="a few minutes: B 1,4,16, 8 tokens, 16 queued prompts of 16 tokens, 1 repeat (as defaults)")
     p.add_argument("--out", default=str(HERE / "results"), help="directory for batch.png and batch.json")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of markdown")
     args = p.parse_args(argv)
-    if args.quick:
-        args.batch_sizes, args.new_tokens, args.queue_prompts, args.queue_tokens, args.repeats = \
-            "1,4,16", 8, 16, 16, 1
+    args.gate = args.gate or [README_GATE, NO_HEAD_GATE]
+    defaults = (dict(batch_sizes="1,4,16", new_tokens=8, queue_prompts=16, queue_tokens=16, repeats=1) if args.quick
+                else dict(batch_sizes="1,2,4,8,16,32,64", new_tokens=24, queue_prompts=64, queue_tokens=48, repeats=3))
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     try:
         args.thread_list = [int(t) for t in args.threads.split(",")]
         args.sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         p.error("--threads and --batch-sizes take comma-separated whole numbers, e.g. 1,2")
-    if min(args.thread_list + args.sizes) < 1 or min(args.new_tokens, args.repeats) < 2 - args.quick:
-        p.error("thread counts, batch sizes, --new-tokens and --repeats must be >= 1 (--new-tokens >= 2)")
+    if min(args.thread_list + args.sizes + [args.repeats, args.queue_tokens]) < 1 or args.new_tokens < 2 \
+            or args.queue_prompts < 0:
+        p.error("thread counts, batch sizes, --repeats and --queue-tokens must be >= 1, --new-tokens >= 2, "
+                "--queue-prompts >= 0")
     return args
 
 

@@ -8,7 +8,7 @@ each candidate point (confidence, margin, entropy, top-1, cosine to the previous
 says "exit here" or "go on".
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -224,16 +224,14 @@ class ExitStats:
     lm_head_calls: list = field(default_factory=list)
     flops: list = field(default_factory=list)
 
-    def record(self, points, sublayers, lm_head_calls, flops):
-        """Append one decode step's tokens: arrays (n,) with one entry per row."""
-        for name, values in zip(("points", "sublayers", "lm_head_calls", "flops"),
-                                (points, sublayers, lm_head_calls, flops)):
+    def record(self, **step):
+        """Append one decode step's tokens: each field's values as an array (n,), one per row."""
+        for name, values in step.items():
             getattr(self, name).extend(np.asarray(values).tolist())
 
     def subset(self, index):
         """The stats of the tokens at these indices (e.g. one prompt's tokens of a batch)."""
-        return ExitStats(*([getattr(self, name)[i] for i in index]
-                           for name in ("points", "sublayers", "lm_head_calls", "flops")))
+        return ExitStats(**{f.name: [getattr(self, f.name)[i] for i in index] for f in fields(self)})
 
     def summary(self, config):
         n = max(len(self.points), 1)
@@ -295,7 +293,7 @@ class ExitDecoder:
         points, states, logits = run(x, positions, kv, rows)
         self.fill_skipped(points, states, positions, kv, rows)
         kv.advance(1, rows)
-        self.stats.record(points, **self.tally)
+        self.stats.record(points=points, **self.tally)
         return logits, points
 
     def _run(self, p, x, positions, kv, rows, on):
@@ -321,7 +319,7 @@ class ExitDecoder:
         logits = np.zeros((n, self.model.config.vocab_size), np.float32)
         prev_top1, run = np.full(n, -1), np.zeros(n, dtype=np.int64)
         for p in range(self.n_points):
-            on = np.arange(n) if self.kv_mode == "compute" else np.flatnonzero(~done)   # rows computing p
+            on = self.computing(done)
             if not on.size:
                 break
             before = x.copy()                                         # (n, 1, D)
@@ -344,6 +342,11 @@ class ExitDecoder:
         if undecoded.size:
             logits[undecoded] = self._unembed(states[undecoded], undecoded)
         return points, states, logits
+
+    def computing(self, done):
+        """Rows of the step that compute the next sub-layer, given which have exited (done (n,)):
+        those still going; every row with kv="compute", which finishes all blocks for an exact cache."""
+        return np.arange(len(done)) if self.kv_mode == "compute" else np.flatnonzero(~done)
 
     def _oracle(self, x, positions, kv, rows):
         """Run every point, then exit in hindsight at each row's first point from which the top-1
