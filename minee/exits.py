@@ -322,9 +322,10 @@ class ExitDecoder:
             on = self.computing(done)
             if not on.size:
                 break
-            before = x.copy()                                         # (n, 1, D)
+            check = p in self.candidates and p != last
+            before = x.copy() if check else None                      # (n, 1, D) for the cosine feature
             x[on] = self._run(p, x[on], positions[on], kv, rows[on], on)   # gather, compute, scatter back
-            if p == last or p not in self.candidates:
+            if not check:
                 continue
             live = np.flatnonzero(~done)                              # rows the gate still checks
             f = {"depth": np.full(len(live), p / last), "cosine": cosine(x[live, 0], before[live, 0])}

@@ -20,12 +20,11 @@ def linear(x, weight, bias=None):
     times more. So fewer than GEMM_MIN_ROWS rows run as one GEMV each, and more as one GEMM,
     written weight @ rows.T: the faster form with few rows (measured per shape in bench/README.md).
     """
-    rows = x.reshape(-1, x.shape[-1])                              # (M, in)
-    if len(rows) < GEMM_MIN_ROWS:
-        y = rows[:, None, :] @ weight.T                            # (M, 1, out): NumPy runs one GEMV per row
+    if x.size < GEMM_MIN_ROWS * x.shape[-1]:                       # M < GEMM_MIN_ROWS
+        y = (x[..., None, :] @ weight.T)[..., 0, :]                # (..., out): NumPy runs one GEMV per row
     else:
-        y = (weight @ rows.T).T                                    # (M, out): one GEMM
-    y = y.reshape(*x.shape[:-1], weight.shape[0])                  # (..., out)
+        rows = x.reshape(-1, x.shape[-1])                          # (M, in)
+        y = (weight @ rows.T).T.reshape(*x.shape[:-1], -1)         # one GEMM (M, out) -> (..., out)
     return y if bias is None else y + bias
 
 
