@@ -17,7 +17,9 @@ For each thread count (BLAS pinned with threadpoolctl):
      (without: exited rows compute on until the slowest row exits, as minee did before). Interleaved
      (every kind for one B, then the next B, then the next repeat); tokens/s counts the decode
      steps (the tokens after each row's first over the decode seconds); medians over repeats.
-  4. queue: --queue-prompts chat prompts of mixed length (prompts.txt lines alone, then joined in
+  4. parts: one decode step of B = 1, 16 and the largest B rows split into attention, MLP and
+     LM head (minima), with the MLPs' GFLOP/s next to a large GEMM's: where the time goes.
+  5. queue: --queue-prompts chat prompts of mixed length (prompts.txt lines alone, then joined in
      twos, threes, ...), up to --queue-tokens tokens each, stopping at EOS: minee.generate one by one
      vs minee.generate_many(batch_size=16), interleaved, medians; wall-clock seconds with prefill.
 Progress goes to stderr; the report (markdown, or JSON with --json) to stdout; OUT/batch.json and
@@ -104,6 +106,53 @@ def ceiling(model, reps=7):
     bandwidth = W.nbytes / median(secs)
     return {"bandwidth": bandwidth, "weight_bytes": weight_bytes(model)["total"],
             "tok_s": bandwidth / weight_bytes(model)["total"]}
+
+
+# ----------------------------------------------------------------------------- where a step's time goes
+
+def step_parts(model, B, S=100, reps=5):
+    """Milliseconds of one decode step of B rows at position S: one whole forward, and the
+    attention and MLP sub-layers (summed over the layers) and the final norm + LM head called
+    alone; minima over reps (noise only adds time). GFLOP/s of the MLPs' matrix products."""
+    c = model.config
+    kv = model.new_kv_cache(B, S + 1)
+    kv.length = S                                        # positions 0 .. S-1 hold (zero) keys/values
+    tokens = np.arange(B)[:, None] % c.vocab_size        # (B, 1)
+    positions = kv.positions(1)                          # (B, 1)
+    t = {"forward": [], "attention": [], "mlp": [], "lm_head": []}
+    for _ in range(reps):
+        kv.length = S
+        t0 = time.perf_counter()
+        model.forward(tokens, kv_cache=kv)
+        t["forward"].append(time.perf_counter() - t0)
+        x = model.embed_tokens[tokens]                   # (B, 1, D)
+        ta = tm = 0.0
+        for l in range(c.n_layers):
+            t0 = time.perf_counter()
+            x = x + model.attn_sublayer(l, x, positions, kv)
+            t1 = time.perf_counter()
+            x = x + model.mlp_sublayer(l, x)
+            ta, tm = ta + t1 - t0, tm + time.perf_counter() - t1
+        t0 = time.perf_counter()
+        model.unembed(x)
+        t["lm_head"].append(time.perf_counter() - t0)
+        t["attention"].append(ta)
+        t["mlp"].append(tm)
+    ms = {k: 1e3 * min(v) for k, v in t.items()}
+    ms["mlp_gflop_s"] = 6 * c.d_model * c.d_ff * c.n_layers * B / (ms["mlp"] / 1e3) / 1e9
+    return ms
+
+
+def big_gemm_rate(n=1024, reps=5):
+    """GFLOP/s of one large square matrix product: what the BLAS reaches when it is not starved."""
+    a = np.ones((n, n), np.float32)
+    a @ a
+    secs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ a
+        secs.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(secs) / 1e9
 
 
 # ----------------------------------------------------------------------------- 3. batch sweep
@@ -203,13 +252,20 @@ def goals(res):
     return out
 
 
+def short(kind):
+    """A column label: the gate without its options, e.g. `confidence:0.85` (no compaction)."""
+    gate, _, rest = kind.partition(" ")
+    return kind if kind == "plain" else f"`{gate.split(',')[0]}` {rest}".strip()
+
+
 def markdown(res):
     a = res["args"]
     lines = [f"## minee batched decoding: {res['date']}", "",
              f"model `{a['model']}`, CPU {res['machine']['cpu']} x{res['machine']['cores']}, BLAS {res['blas']}, "
              f"numpy {np.__version__}; loadavg {res['loadavg_start']} -> {res['loadavg_end']}, cores busy with "
              f"other work before/after {res['busy_start']:.1f}/{res['busy_end']:.1f}; "
-             f"{a['repeats']} interleaved repeats, medians", ""]
+             f"{a['repeats']} interleaved repeats, medians; gates (kv=copy): "
+             + ", ".join(f"`{g}`" for g in a["gate"]), ""]
     for t in res["threads"]:
         c = t["ceiling"]
         lines += [f"### {t['threads']} BLAS thread(s)", "",
@@ -217,7 +273,7 @@ def markdown(res):
                   f"per token = ceiling {c['tok_s']:.1f} tokens/s at B=1.", "",
                   f"Decode tokens/s, {a['new_tokens']} new tokens per row, B prompts of mixed length "
                   "(exit: kv=copy; in brackets tokens/s relative to plain at the same B):", "",
-                  "| B | " + " | ".join(f"`{k}`" for k in t["sweep"][0]["tok_s"]) + " | plain vs B=1 |",
+                  "| B | " + " | ".join(short(k) for k in t["sweep"][0]["tok_s"]) + " | plain vs B=1 |",
                   "|---:|" + "---:|" * (len(t["sweep"][0]["tok_s"]) + 1)]
         base = t["sweep"][0]["tok_s"]["plain"]
         for r in t["sweep"]:
@@ -237,6 +293,13 @@ def markdown(res):
                           f"per prompt, EOS or {q['max_new_tokens']}): one by one {q['one_by_one_s']:.1f} s, "
                           f"generate_many(batch_size={q['batch_size']}) {q['queue_s']:.1f} s = **{q['ratio']:.1f}x**; "
                           f"{q['identical_outputs']}/{q['prompts']} outputs identical."]
+        lines += ["", f"Where one decode step's time goes (position 100; ms, minima of 5; the sub-layers summed over "
+                      f"the layers; a large 1024x1024 GEMM runs at {t['big_gemm_gflop_s']:.0f} GFLOP/s here):", "",
+                  "| B | whole forward | attention | MLP | final norm + LM head | MLP GFLOP/s |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for B, p in t["parts"].items():
+            lines.append(f"| {B} | {p['forward']:.1f} | {p['attention']:.1f} | {p['mlp']:.1f} | {p['lm_head']:.1f} | "
+                         f"{p['mlp_gflop_s']:.0f} |")
         lines += ["", "ops.linear per shape, microseconds (M rows; `*` = what ops.linear runs):", "",
                   "| shape | M | GEMV per row | GEMM x @ W.T | GEMM (W @ x.T).T |", "|---|---:|---:|---:|---:|"]
         for r in t["linear"]:
@@ -253,12 +316,12 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ["o-", "s--", "^:", "v-."]
     for t, colour in zip(res["threads"], ("tab:blue", "tab:orange", "tab:green")):
         B = [r["B"] for r in t["sweep"]]
-        for k, style in zip(t["sweep"][0]["tok_s"], styles):
-            label = "plain" if k == "plain" else k.split(",")[0] + (" (no compaction)" if "no compaction" in k else "")
-            ax.plot(B, [r["tok_s"][k] for r in t["sweep"]], style, color=colour, label=f"{label}, {t['threads']} thr")
+        kinds = [k for k in t["sweep"][0]["tok_s"] if "no compaction" not in k]     # those are in the table
+        for k, style in zip(kinds, ("o-", "s--", "^:", "v-.", "D-")):
+            ax.plot(B, [r["tok_s"][k] for r in t["sweep"]], style, color=colour,
+                    label=f"{short(k).replace('`', '')}, {t['threads']} thr")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size B (rows decoded together)")
     ax.set_ylabel("decode tokens/s (all rows)")
@@ -327,6 +390,9 @@ def main(argv=None):
             t["ceiling"] = ceiling(model)
             log("batch sweep ...")
             t["sweep"] = sweep(model, lines, args.sizes, args.new_tokens, args.gate, args.repeats)
+            log("where a step's time goes ...")
+            t["big_gemm_gflop_s"] = big_gemm_rate()
+            t["parts"] = {B: step_parts(model, B) for B in sorted({1, 16, max(args.sizes)})}
             if args.queue_prompts:
                 t["queue"] = queue(model, queue_prompts(lines, args.queue_prompts), args.queue_tokens,
                                    min(args.repeats, 2))
