@@ -188,7 +188,7 @@ def sweep(model, prompts, sizes, n, gates, repeats):
                 runs[B, k].append(decode_rate(model, ids, n, decoder))
                 if decoder is not None:
                     stats[B, k] = decoder.stats.summary(model.config)
-            log(f"repeat {r + 1}/{repeats} B={B}: " + ", ".join(f"{k} {runs[B, k][-1]:.1f}" for k in kinds)
+            log(f"repeat {r + 1}/{repeats} B={B}: " + ", ".join(f"{short(k)} {runs[B, k][-1]:.1f}" for k in kinds)
                 + f" tokens/s (loadavg {loadavg()})")
     return [{"B": B, "tok_s": {k: median(runs[B, k]) for k in kinds}, "runs": {k: runs[B, k] for k in kinds},
              "exit_stats": {k: stats[B, k] for k in kinds if k != "plain"}} for B in sizes]
