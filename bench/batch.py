@@ -15,13 +15,15 @@ For each thread count (BLAS pinned with threadpoolctl):
      minee's batch loop for --new-tokens greedy tokens: plain, and with each --gate (kv=copy; default
      the README's example gate and a gate that needs no LM head) with and without compaction
      (without: exited rows compute on until the slowest row exits, as minee did before). Interleaved
-     (every kind for one B, then the next B, then the next repeat); tokens/s counts the decode
+     (every kind for one B, then the next B; the order reversed every other repeat, A B .. B A,
+     so that a drifting load cancels); tokens/s counts the decode
      steps (the tokens after each row's first over the decode seconds); medians over repeats.
   4. parts: one decode step of B = 1, 16 and the largest B rows split into attention, MLP and
      LM head (minima), with the MLPs' GFLOP/s next to a large GEMM's: where the time goes.
   5. queue: --queue-prompts chat prompts of mixed length (prompts.txt lines alone, then joined in
      twos, threes, ...), up to --queue-tokens tokens each, stopping at EOS: minee.generate one by one
-     vs minee.generate_many(batch_size=16), interleaved, medians; wall-clock seconds with prefill.
+     vs minee.generate_many(batch_size=16), in the order A B B A ..., medians; wall-clock seconds
+     with prefill.
 Progress goes to stderr; the report (markdown, or JSON with --json) to stdout; OUT/batch.json and
 the plot of tokens/s against B, OUT/batch.png, are written too.
 """
@@ -183,7 +185,8 @@ def sweep(model, prompts, sizes, n, gates, repeats):
     for r in range(repeats):
         for B in sizes:
             ids = [model.tokenizer.encode(prompts[b % len(prompts)]) for b in range(B)]
-            for k, make in kinds.items():                              # interleaved: every kind, then the next B
+            order = list(kinds.items()) if r % 2 == 0 else list(kinds.items())[::-1]   # A B .. B A: drift cancels
+            for k, make in order:                                      # interleaved: every kind, then the next B
                 decoder = make()
                 runs[B, k].append(decode_rate(model, ids, n, decoder))
                 if decoder is not None:
@@ -209,17 +212,18 @@ def queue(model, prompts, n, repeats):
     kw = dict(max_new_tokens=n, chat=True)
     times = {"one_by_one": [], "queue": []}
     outs = {}
+    runs = {"one_by_one": lambda: [minee.generate(model, p, **kw) for p in prompts],
+            "queue": lambda: list(minee.generate_many(model, prompts, QUEUE_BATCH, progress=False, **kw))}
     for r in range(repeats):
-        t0 = time.perf_counter()
-        outs["one_by_one"] = [minee.generate(model, p, **kw) for p in prompts]
-        times["one_by_one"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        outs["queue"] = list(minee.generate_many(model, prompts, QUEUE_BATCH, progress=False, **kw))
-        times["queue"].append(time.perf_counter() - t0)
+        for k in (("one_by_one", "queue") if r % 2 == 0 else ("queue", "one_by_one")):   # A B B A ...
+            t0 = time.perf_counter()
+            outs[k] = runs[k]()
+            times[k].append(time.perf_counter() - t0)
         log(f"queue repeat {r + 1}/{repeats}: one by one {times['one_by_one'][-1]:.1f} s, "
             f"queue {times['queue'][-1]:.1f} s (loadavg {loadavg()})")
     lengths = [len(o.tokens) for o in outs["queue"]]
-    return {"prompts": len(prompts), "batch_size": QUEUE_BATCH, "max_new_tokens": n,
+    prefill = {k: sum(o.stats["prefill_s"] for o in v) for k, v in outs.items()}    # of the last repeat
+    return {"prompts": len(prompts), "batch_size": QUEUE_BATCH, "max_new_tokens": n, "prefill_s": prefill,
             "prompt_tokens": [len(o.prompt_tokens) for o in outs["queue"]], "new_tokens": lengths,
             "one_by_one_s": median(times["one_by_one"]), "queue_s": median(times["queue"]),
             "one_by_one_runs": times["one_by_one"], "queue_runs": times["queue"],
@@ -292,7 +296,9 @@ def markdown(res):
                           f"tokens, {sum(q['new_tokens'])} new tokens ({min(q['new_tokens'])}-{max(q['new_tokens'])} "
                           f"per prompt, EOS or {q['max_new_tokens']}): one by one {q['one_by_one_s']:.1f} s, "
                           f"generate_many(batch_size={q['batch_size']}) {q['queue_s']:.1f} s = **{q['ratio']:.1f}x**; "
-                          f"{q['identical_outputs']}/{q['prompts']} outputs identical."]
+                          f"{q['identical_outputs']}/{q['prompts']} outputs identical. Prefilling the prompts took "
+                          f"{q['prefill_s']['one_by_one']:.1f} s one by one and {q['prefill_s']['queue']:.1f} s in "
+                          "the queue (each prompt is prefilled alone in both)."]
         lines += ["", f"Where one decode step's time goes (position 100; ms, minima of 5; the sub-layers summed over "
                       f"the layers; a large 1024x1024 GEMM runs at {t['big_gemm_gflop_s']:.0f} GFLOP/s here):", "",
                   "| B | whole forward | attention | MLP | final norm + LM head | MLP GFLOP/s |",
