@@ -3,8 +3,8 @@ with and without compaction of exited rows), the queue (minee.generate_many) aga
 time, B=1 against the bandwidth ceiling, and what ops.linear's forms cost for each weight shape.
 
     python bench/batch.py [--threads 1,2] [--batch-sizes 1,2,4,8,16,32,64] [--new-tokens 24]
-                          [--queue-prompts 64] [--queue-tokens 48] [--repeats 3] [--gate SPEC ...]
-                          [--quick] [--out bench/results] [--json]
+                          [--queue-prompts 64] [--queue-tokens 48] [--queue-chat] [--repeats 3]
+                          [--gate SPEC ...] [--quick] [--out bench/results] [--json]
 
 For each thread count (BLAS pinned with threadpoolctl):
   1. linear: median microseconds of one GEMV per row, one GEMM as x @ W.T and one GEMM as
@@ -20,8 +20,10 @@ For each thread count (BLAS pinned with threadpoolctl):
      steps (the tokens after each row's first over the decode seconds); medians over repeats.
   4. parts: one decode step of B = 1, 16 and the largest B rows split into attention, MLP and
      LM head (minima), with the MLPs' GFLOP/s next to a large GEMM's: where the time goes.
-  5. queue: --queue-prompts chat prompts of mixed length (prompts.txt lines alone, then joined in
-     twos, threes, ...), up to --queue-tokens tokens each, stopping at EOS: minee.generate one by one
+  5. queue: --queue-prompts prompts of mixed length (prompts.txt lines alone, then joined in
+     twos, threes, ...; with --queue-chat wrapped in the chat template, whose system prompt adds
+     ~30 tokens and whose answers end at EOS), up to --queue-tokens tokens each, stopping at EOS:
+     minee.generate one by one
      vs minee.generate_many(batch_size=16), in the order A B B A ..., medians; wall-clock seconds
      with prefill.
 Progress goes to stderr; the report (markdown, or JSON with --json) to stdout; OUT/batch.json and
@@ -208,8 +210,8 @@ def queue_prompts(lines, count):
     return out[:count]
 
 
-def queue(model, prompts, n, repeats):
-    kw = dict(max_new_tokens=n, chat=True)
+def queue(model, prompts, n, repeats, chat):
+    kw = dict(max_new_tokens=n, chat=chat)
     times = {"one_by_one": [], "queue": []}
     outs = {}
     runs = {"one_by_one": lambda: [minee.generate(model, p, **kw) for p in prompts],
@@ -223,7 +225,7 @@ def queue(model, prompts, n, repeats):
             f"queue {times['queue'][-1]:.1f} s (loadavg {loadavg()})")
     lengths = [len(o.tokens) for o in outs["queue"]]
     prefill = {k: sum(o.stats["prefill_s"] for o in v) for k, v in outs.items()}    # of the last repeat
-    return {"prompts": len(prompts), "batch_size": QUEUE_BATCH, "max_new_tokens": n, "prefill_s": prefill,
+    return {"prompts": len(prompts), "chat": chat, "batch_size": QUEUE_BATCH, "max_new_tokens": n, "prefill_s": prefill,
             "prompt_tokens": [len(o.prompt_tokens) for o in outs["queue"]], "new_tokens": lengths,
             "one_by_one_s": median(times["one_by_one"]), "queue_s": median(times["queue"]),
             "one_by_one_runs": times["one_by_one"], "queue_runs": times["queue"],
@@ -292,7 +294,7 @@ def markdown(res):
                          f"{st['lm_head_calls_per_token']:.1f} |")
         q = t.get("queue")
         if q:
-            lines += ["", f"Queue: {q['prompts']} chat prompts of {min(q['prompt_tokens'])}-{max(q['prompt_tokens'])} "
+            lines += ["", f"Queue: {q['prompts']} {'chat ' * q['chat']}prompts of {min(q['prompt_tokens'])}-{max(q['prompt_tokens'])} "
                           f"tokens, {sum(q['new_tokens'])} new tokens ({min(q['new_tokens'])}-{max(q['new_tokens'])} "
                           f"per prompt, EOS or {q['max_new_tokens']}): one by one {q['one_by_one_s']:.1f} s, "
                           f"generate_many(batch_size={q['batch_size']}) {q['queue_s']:.1f} s = **{q['ratio']:.1f}x**; "
@@ -349,6 +351,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per row in the sweep (default 24)")
     p.add_argument("--queue-prompts", type=int, default=None, help="prompts in the queue run (default 64; 0 = skip)")
     p.add_argument("--queue-tokens", type=int, default=None, help="max new tokens per queued prompt (default 48)")
+    p.add_argument("--queue-chat", action="store_true",
+                   help="wrap the queued prompts in the chat template (longer prompts, answers end at EOS)")
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved repeats (default 3; the queue runs min(repeats, 2))")
     p.add_argument("--gate", action="append", default=None,
@@ -401,7 +405,7 @@ def main(argv=None):
             t["parts"] = {B: step_parts(model, B) for B in sorted({1, 16, max(args.sizes)})}
             if args.queue_prompts:
                 t["queue"] = queue(model, queue_prompts(lines, args.queue_prompts), args.queue_tokens,
-                                   min(args.repeats, 2))
+                                   min(args.repeats, 2), args.queue_chat)
             res["threads"].append(t)
     res["loadavg_end"], res["busy_end"] = loadavg(), busy_cores() or 0.0
     res["goals"] = [{"goal": g, "measured": m, "met": ok} for g, m, ok in goals(res)]
