@@ -6,12 +6,21 @@ import time
 
 import minee
 from minee.exits import KV_MODES
+from minee.hooks import point_label
+from minee.shortcuts import DEFAULT_RIDGE
 from minee.threads import default_threads
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def load_shortcut(args, model):
+    """The --shortcut file checked against the model, or None."""
+    return None if args.shortcut is None else minee.shortcuts.load(args.shortcut, model)
+
+
 def cmd_generate(args):
+    if args.shortcut and not args.exit:
+        raise ValueError("--shortcut changes how early exits are decoded; give an --exit gate too")
     if args.prompts_file is not None:
         return cmd_generate_many(args)
     if args.batch_size is not None:
@@ -20,17 +29,19 @@ def cmd_generate(args):
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
+    shortcut = load_shortcut(args, model)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     if not args.json:
         print(args.prompt, end="", flush=True)
-    out = minee.generate(model, args.prompt, args.max_new_tokens, on_text=stream, **sampling_options(args))
+    out = minee.generate(model, args.prompt, args.max_new_tokens, on_text=stream,
+                         **sampling_options(args, shortcut))
     if args.json:
         print(json.dumps(result_json(args, args.prompt, out), indent=2))
     else:
         s = out.stats
         rate = f", {s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"] else ""
-        exits = (f", exit {s['gate']} kv={s['kv']}: {s['mean_layers_used']:.1f} of "
-                 f"{model.config.n_layers} layers on average" if args.exit else "")
+        exits = (f", exit {s['gate']} kv={s['kv']}{' through ' + s['shortcut'] if shortcut else ''}: "
+                 f"{s['mean_layers_used']:.1f} of {model.config.n_layers} layers on average" if args.exit else "")
         print(f"\n[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new{rate}, "
               f"{args.threads} BLAS thread(s){exits}]", file=sys.stderr)
 
@@ -44,8 +55,9 @@ def cmd_generate_many(args):
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
+    shortcut = load_shortcut(args, model)
     t0 = time.perf_counter()
-    outs = minee.generate_many(model, prompts, batch_size, args.max_new_tokens, **sampling_options(args))
+    outs = minee.generate_many(model, prompts, batch_size, args.max_new_tokens, **sampling_options(args, shortcut))
     new_tokens = 0
     for i, (line, prompt, out) in enumerate(zip(lines, prompts, outs)):
         new_tokens += len(out.tokens)
@@ -60,10 +72,10 @@ def cmd_generate_many(args):
               file=sys.stderr)
 
 
-def sampling_options(args):
+def sampling_options(args, shortcut):
     """generate's sampling and early-exit keyword arguments from the command line."""
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
-                exit=args.exit, kv=args.kv)
+                exit=args.exit, kv=args.kv, shortcut=shortcut)
 
 
 def result_json(args, prompt, out):
@@ -120,25 +132,35 @@ def cmd_lens(args):
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
-    result = lens(model, model.tokenizer.encode(args.prompt), k=args.top_k)
+    shortcut = load_shortcut(args, model)
+    ids = model.tokenizer.encode(args.prompt)
+    result = lens(model, ids, k=args.top_k)
     if args.metric not in result.metrics:
         raise ValueError(f"unknown metric {args.metric!r}; choose from {', '.join(result.metrics)}")
+    through = shortcut and lens(model, ids, k=args.top_k, shortcut=shortcut)
     if args.out:
         points = range(1, len(result.points), 2) if args.blocks_only else None
-        plot_lens(result, model.tokenizer, args.metric, points=points, out=args.out)
+        plot_lens(result, model.tokenizer, args.metric, points=points, out=args.out, shortcut=through)
     if args.json:
         print(json.dumps({"model": args.model, "prompt": args.prompt, "figure": args.out,
-                          **result.to_json(model.tokenizer)}))
+                          **result.to_json(model.tokenizer),
+                          "through_shortcut": through and through.to_json(model.tokenizer)}))
         return
-    tok = model.tokenizer
-    print(f"{'point':>8}  top-1 prediction after each input token ({args.metric} in brackets)")
-    for p in reversed(range(len(result.points))):
-        cells = [f"{tok.decode([t])!r}[{v:.2f}]" for t, v in
-                 zip(result.top_ids[p, :, 0], result.metrics[args.metric][p])]
-        print(f"{result.labels[p]:>8}  " + " ".join(cells))
-    print(f"{'input':>8}  " + " ".join(repr(s) for s in result.token_strings))
+    for r in [result] + ([through] if through else []):
+        print_lens(r, model.tokenizer, args.metric)
     if args.out:
         print(f"figure written to {args.out}", file=sys.stderr)
+
+
+def print_lens(result, tok, metric):
+    """The lens as a table: one line per exit point, deepest first."""
+    print(f"{'point':>8}  {result.shortcut or 'plain lens'}: top-1 prediction after each input token "
+          f"({metric} in brackets)")
+    for p in reversed(range(len(result.points))):
+        cells = [f"{tok.decode([t])!r}[{v:.2f}]" for t, v in
+                 zip(result.top_ids[p, :, 0], result.metrics[metric][p])]
+        print(f"{result.labels[p]:>8}  " + " ".join(cells))
+    print(f"{'input':>8}  " + " ".join(repr(s) for s in result.token_strings))
 
 
 def cmd_analyze(args):
@@ -146,9 +168,10 @@ def cmd_analyze(args):
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; the analysis encodes a text corpus")
+    shortcut = load_shortcut(args, model)
     res = analyze(model, args.out, corpus=args.corpus, max_tokens=args.max_tokens or None,
                   window=args.window, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
-                  progress=not args.json, reuse=args.reuse)
+                  progress=not args.json, reuse=args.reuse, skip_tokens=args.skip_tokens, shortcut=shortcut)
     if args.json:
         print(json.dumps(res))
         return
@@ -169,6 +192,10 @@ def cmd_analyze(args):
     if res["e5"]:
         print("E5 agreement with plain greedy output: " + ", ".join(
             f"kv={kv} {res['e5'][kv]['agreement']:.1%}" for kv in KV_MODES))
+    if shortcut:
+        sc, mid = res["shortcut"]["e1"], e1["points"] // 2 - 1                  # after half the blocks
+        print(f"through {res['shortcut']['label']}: agreement at {point_label(mid)} {e1['agree'][mid]:.1%} -> "
+              f"{sc['agree'][mid]:.1%}; stable oracle saving {e1['saving_stable']:.1%} -> {sc['saving_stable']:.1%}")
     print(f"figures and analysis.json written to {args.out}", file=sys.stderr)
 
 
@@ -193,6 +220,39 @@ def cmd_train_gate(args):
     else:
         print(f"trained on {len(ids)} tokens x {P - 1 - args.min_point} points "
               f"({labels.mean():.1%} safe exits); use it with --exit {spec}")
+
+
+def cmd_shortcuts_fit(args):
+    from pathlib import Path
+
+    from .analysis import corpus_ids
+    from .shortcuts import fit, refine
+    if not Path(args.out).resolve().parent.is_dir():
+        raise FileNotFoundError(f"cannot write {args.out}: its directory does not exist")
+    if args.kl_steps < 0 or args.ridge < 0 or args.skip_tokens < 0:
+        raise ValueError("--kl-steps (0 = least squares only), --ridge and --skip-tokens must be >= 0")
+    model = minee.load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; fitting shortcuts encodes a text corpus")
+    ids = corpus_ids(model.tokenizer, args.corpus, args.max_tokens or None, args.skip_tokens)
+    if len(ids) < 2:
+        raise ValueError(f"the corpus has {len(ids)} tokens after --skip-tokens {args.skip_tokens}; "
+                         "fitting needs a longer text")
+    P = 2 * model.config.n_layers
+    first = P // 3 - 1 if args.kl_min_point is None else args.kl_min_point
+    if args.kl_steps and (min(args.kl_batch, args.kl_tokens) < 1 or args.kl_lr <= 0 or not 0 <= first < P - 1):
+        raise ValueError(f"--kl-batch and --kl-tokens must be >= 1, --kl-lr > 0 and --kl-min-point in "
+                         f"0 .. {P - 2}")                 # checked before the fit, not after it
+    sc = fit(model, ids, ridge=args.ridge, window=args.window, progress=not args.json)
+    if args.kl_steps:
+        sc = refine(model, sc, ids, points=range(first, P - 1), steps=args.kl_steps, batch=args.kl_batch,
+                    lr=args.kl_lr, tokens=args.kl_tokens, window=args.window, progress=not args.json)
+    sc.save(args.out)
+    if args.json:
+        print(json.dumps({"out": args.out, **sc.meta}))
+    else:
+        print(f"fitted {len(sc.meta['points'])} exit points on {sc.meta['tokens']} tokens "
+              f"(method {sc.meta['method']}, ridge {sc.meta['ridge']}); use it with --shortcut {args.out}")
 
 
 def parser():
@@ -230,6 +290,7 @@ def parser():
                         ",attn_points=0 (e.g. confidence:0.9,min_point=40)")
     g.add_argument("--kv", choices=KV_MODES, default="copy",
                    help="keys/values of the layers an early-exited token skips (default copy)")
+    shortcut_option(g, "decode early exits through these shortcuts (needs --exit)")
     g.set_defaults(run=cmd_generate)
 
     le = sub.add_parser("lens", help="logit lens: what every exit point predicts")
@@ -241,11 +302,14 @@ def parser():
     le.add_argument("--top-k", type=int, default=5, help="top-k tokens per cell in --json")
     le.add_argument("--blocks-only", action="store_true",
                     help="plot only block outputs (odd points), not the after-attention points")
+    shortcut_option(le, "also read every point through these shortcuts (drawn side by side)")
     le.set_defaults(run=cmd_lens)
 
     def corpus(cmd, max_tokens):
         cmd.add_argument("--corpus", default=None, help="text file (default: minee's evaluation corpus)")
         cmd.add_argument("--max-tokens", type=int, default=max_tokens, help="corpus tokens to use (0 = all)")
+        cmd.add_argument("--skip-tokens", type=int, default=0,
+                         help="start after this many corpus tokens (e.g. those shortcuts were fitted on)")
         cmd.add_argument("--window", type=int, default=256, help="tokens scored per forward pass")
 
     an = sub.add_parser("analyze", help="the paper's experiments E1-E6 over a corpus, to JSON + PNG")
@@ -256,6 +320,7 @@ def parser():
     an.add_argument("--gen-tokens", type=int, default=48, help="tokens generated per E5 prompt")
     an.add_argument("--reuse", action="store_true",
                     help="reuse OUT/teacher_forced.npz from an earlier run on the same tokens")
+    shortcut_option(an, "also run E1, E2 and E5 through these shortcuts")
     an.set_defaults(run=cmd_analyze)
 
     tg = sub.add_parser("train-gate", help="train the learned early-exit gate on teacher-forced corpus data")
@@ -266,7 +331,28 @@ def parser():
     tg.add_argument("--threshold", type=float, default=0.8,
                     help="exit when P(exit gives the final token) >= this (stored in the file)")
     tg.set_defaults(run=cmd_train_gate)
+
+    sh = sub.add_parser("shortcuts", help="linear shortcuts from every exit point to the last state")
+    fit = sh.add_subparsers(dest="action", required=True).add_parser(
+        "fit", help="fit the maps by least squares (optionally refined on KL) on a corpus")
+    common(fit)
+    corpus(fit, 36864)
+    fit.add_argument("--out", required=True, help="file to write (.npz), for --shortcut OUT")
+    fit.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                     help=f"pull towards the identity, relative to the states' variance (default {DEFAULT_RIDGE})")
+    fit.add_argument("--kl-steps", type=int, default=0, help="Adam steps on KL after least squares (0 = none)")
+    fit.add_argument("--kl-tokens", type=int, default=4096, help="tokens the KL steps draw from (default 4096)")
+    fit.add_argument("--kl-batch", type=int, default=64, help="tokens per KL step (default 64)")
+    fit.add_argument("--kl-lr", type=float, default=3e-4, help="Adam learning rate of the KL steps (default 3e-4)")
+    fit.add_argument("--kl-min-point", type=int, default=None,
+                     help="refine exit points from this one on (default: a third of the way in, 19 of 60)")
+    fit.set_defaults(run=cmd_shortcuts_fit)
     return p
+
+
+def shortcut_option(cmd, what):
+    cmd.add_argument("--shortcut", metavar="FILE", default=None,
+                     help=f"{what}; made by `python -m minee shortcuts fit`")
 
 
 def main(argv=None):

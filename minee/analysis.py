@@ -13,9 +13,10 @@ import numpy as np
 
 from .exits import KV_MODES, Gate, cosine, first_match_point, logit_features, patience_runs, stable_point, train_learned_gate
 from .hooks import exit_point_names
-from .lens import log_softmax, point_chunks
+from .lens import log_softmax, point_chunks, point_logits, shortcut_label, windows
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+MODERN_PROSE = Path(__file__).parent / "data" / "modern_prose.txt"     # held-out text for shortcuts (E7)
 BUCKETS = ("word_initial", "continuation", "other")
 
 
@@ -43,30 +44,34 @@ class TeacherForced:
         return f
 
 
-def corpus_ids(tokenizer, path=None, max_tokens=None):
-    """Token ids of the evaluation corpus (or any text file), optionally truncated."""
-    ids = np.array(tokenizer.encode(Path(path or DEFAULT_CORPUS).read_text()), dtype=np.int64)
+def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
+    """Token ids of the evaluation corpus (or any text file): the first max_tokens after `skip`
+    (e.g. skip the tokens shortcuts were fitted on, to score held-out text)."""
+    ids = np.array(tokenizer.encode(Path(path or DEFAULT_CORPUS).read_text()), dtype=np.int64)[skip:]
     return ids[:max_tokens] if max_tokens else ids
 
 
-def teacher_forced(model, ids, window=256, context=128, progress=True):
+def teacher_forced(model, ids, window=256, context=128, progress=True, shortcut=None):
     """Tabulate every exit point over the corpus ids, `window` scored tokens at a time.
 
     Each window is preceded by up to `context` earlier tokens that the model sees but that are
-    not scored, so no prediction is made from a cut-off context. Returns (table, perplexity).
+    not scored, so no prediction is made from a cut-off context. shortcut: decode every point
+    through these shortcuts (minee.shortcuts) instead of plainly. Returns (table, perplexity).
     """
+    if shortcut is not None:
+        shortcut.check_model(model)
     from tqdm.auto import tqdm
     names = ["hook_embed"] + exit_point_names(model.config.n_layers)
     parts, nll = [], []
-    for s in tqdm(range(0, len(ids) - 1, window), desc="teacher-forced", unit="window", disable=not progress):
-        begin, end = max(0, s - context), min(s + window, len(ids) - 1)
+    for begin, s, end in tqdm(windows(len(ids) - 1, window, context), desc="teacher-forced", unit="window",
+                              disable=not progress):                  # every position with a next token
         logits, acts = model.run_with_cache(ids[None, begin:end], names=names)
         scored = slice(s - begin, end - begin)                             # positions s .. end-1
         states = np.stack([acts[n][0, scored] for n in names])             # (1 + P, T, D)
         logq = log_softmax(logits[0, scored])                              # (T, V) final
         targets = ids[s + 1:end + 1]
         nll.append(-logq[np.arange(len(targets)), targets])
-        part = _window_table(model, states[1:], logq)
+        part = _window_table(model, states[1:], logq, shortcut)
         part["cosine"] = cosine(states[1:], states[:-1])
         part["targets"], part["inputs"] = targets, ids[s:end]
         parts.append(part)
@@ -74,12 +79,12 @@ def teacher_forced(model, ids, window=256, context=128, progress=True):
     return TeacherForced(**table), float(np.exp(np.concatenate(nll).mean()))
 
 
-def _window_table(model, states, logq):
+def _window_table(model, states, logq, shortcut=None):
     """Logit features and KL for states (P, T, D), decoded a memory-sized group of points at a time."""
     P, T, _ = states.shape
     cols = {k: [] for k in ("top1", "confidence", "margin", "entropy", "kl")}
     for sl in point_chunks(P, T, model.config.vocab_size):
-        logp = log_softmax(model.unembed(states[sl]))                      # (p, T, V)
+        logp = log_softmax(point_logits(model, states[sl], sl, shortcut))  # (p, T, V)
         f = logit_features(logp)
         f["kl"] = (np.exp(logq) * (logq - logp)).sum(-1)
         for k in cols:
@@ -142,9 +147,10 @@ def gate_report(gate, tf, mask=None):
             "lm_head_checks": float(checks[m].mean())}
 
 
-def default_gate_sweep(n_points):
-    """Threshold sweeps for every gate kind (candidate points from the last third of the network)."""
-    late = {"min_point": 2 * n_points // 3 - 1}
+def default_gate_sweep(n_points, min_point=None):
+    """Threshold sweeps for every gate kind, candidate points from min_point (default: the last
+    third of the network)."""
+    late = {"min_point": 2 * n_points // 3 - 1 if min_point is None else min_point}
     sweeps = [Gate("confidence", t, **late) for t in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)]
     sweeps += [Gate("margin", t, **late) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     sweeps += [Gate("entropy", t, **late) for t in (3.0, 2.0, 1.0, 0.5, 0.2, 0.05)]
@@ -214,13 +220,15 @@ def e4_sublayer(tf):
 
 # ------------------------------------------------------------------ E5 generation with KV fill
 
-def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODES):
-    """Agreement with plain greedy decoding at each generated position, per KV fill strategy."""
+def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODES, shortcut=None):
+    """Agreement with plain greedy decoding at each generated position, per KV fill strategy
+    (exits decoded through `shortcut` if given)."""
     from .generate import generate
     ref = [generate(model, p, new_tokens, stop_at_eos=False).tokens for p in prompts]
     res = {"gate": str(gate), "prompts": len(prompts), "new_tokens": new_tokens}
     for kv in kv_modes:
-        runs = [generate(model, p, new_tokens, stop_at_eos=False, exit=gate, kv=kv) for p in prompts]
+        runs = [generate(model, p, new_tokens, stop_at_eos=False, exit=gate, kv=kv, shortcut=shortcut)
+                for p in prompts]
         same = np.array([np.array(r.tokens) == np.array(t) for r, t in zip(runs, ref)])   # (prompts, n)
         res[kv] = {"agreement_by_position": same.mean(0).tolist(),
                    "identical_prefix_by_position": np.cumprod(same, axis=1).mean(0).tolist(),
@@ -268,22 +276,23 @@ def e6_learned(tf, min_point=None, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
 # ------------------------------------------------------------------ everything, to files
 
 def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompts=8, gen_tokens=48,
-            gen_gate="oracle", progress=True, reuse=False):
+            gen_gate="oracle", progress=True, reuse=False, skip_tokens=0, shortcut=None):
     """Run E1-E6 on the corpus and write analysis.json, one PNG per experiment and the
-    teacher-forced table (teacher_forced.npz) into out_dir. reuse: take the table from a
-    previous run in out_dir if it was made from the same tokens and window."""
+    teacher-forced table (teacher_forced.npz) into out_dir. The corpus tokens are the first
+    max_tokens after skip_tokens. reuse: take the table from a previous run in out_dir if it was
+    made from the same tokens and window. shortcut (minee.shortcuts): also run E1, E2 and E5
+    through it (res["shortcut"]); the figures then show both side by side."""
     import json
 
     from . import plots
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids = corpus_ids(model.tokenizer, corpus, max_tokens)
+    ids = corpus_ids(model.tokenizer, corpus, max_tokens, skip_tokens)
     if len(ids) < 2:
         raise ValueError("the corpus encodes to fewer than 2 tokens; give a longer text")
-    tf, ppl = load_table(out / "teacher_forced.npz", ids, window, 2 * model.config.n_layers) if reuse else (None, None)
-    if tf is None:
-        tf, ppl = teacher_forced(model, ids, window=window, progress=progress)
-        save_table(out / "teacher_forced.npz", tf, ppl, ids, window)
+    if shortcut is not None:
+        shortcut.check_model(model)
+    tf, ppl = cached_table(model, out / "teacher_forced.npz", ids, window, reuse, progress)
     P = tf.top1.shape[0]
     gates = default_gate_sweep(P)
     e3_gates = [g for g in gates if str(g) in (str(Gate("confidence", 0.9, min_point=2 * P // 3 - 1)), "oracle")]
@@ -291,7 +300,7 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
     starts = np.linspace(0, max(len(ids) - prompt_len, 0), gen_prompts).astype(int)
     prompts = [ids[s:s + prompt_len].tolist() for s in starts]
     res = {
-        "model": model.source, "corpus": str(corpus or DEFAULT_CORPUS),
+        "model": model.source, "corpus": str(corpus or DEFAULT_CORPUS), "skip_tokens": skip_tokens,
         "window": window, "head_cost_in_layers": head_cost_in_layers(model.config),
         "e1": e1_natural(tf, ppl),
         "e2": e2_gates(tf, gates),
@@ -300,12 +309,20 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
         "e5": e5_generation(model, prompts, gen_tokens, gen_gate) if gen_prompts else None,
         "e6": e6_learned(tf),
     }
+    sc = None
+    if shortcut is not None:
+        tf_sc, _ = cached_table(model, out / "teacher_forced_shortcut.npz", ids, window, reuse, progress, shortcut)
+        sc = res["shortcut"] = {
+            "label": shortcut_label(shortcut), "meta": shortcut.meta,
+            "e1": e1_natural(tf_sc, ppl),
+            "e2": e2_gates(tf_sc, shortcut_gate_sweep(P)),
+            "e5": e5_generation(model, prompts, gen_tokens, gen_gate, shortcut=shortcut) if gen_prompts else None}
     (out / "analysis.json").write_text(json.dumps(res, indent=1))
     plots.plot_point_curves(res["e1"], out / "e1_lens_curves.png",
                             title=f"Logit lens over {res['e1']['tokens']} corpus tokens "
-                                  f"(perplexity {ppl:.1f})")
-    plots.plot_oracle_hist(res["e1"], out / "e1_oracle_hist.png")
-    plots.plot_gate_pareto(res["e2"], out / "e2_gates.png")
+                                  f"(perplexity {ppl:.1f})", shortcut=sc and sc["e1"])
+    plots.plot_oracle_hist(res["e1"], out / "e1_oracle_hist.png", shortcut=sc and sc["e1"])
+    plots.plot_gate_pareto(res["e2"], out / "e2_gates.png", shortcut=sc and sc["e2"])
     plots.plot_subword(res["e3"], out / "e3_subword.png")
     plots.plot_sublayer(res["e4"], out / "e4_sublayer.png")
     if res["e5"]:
@@ -317,19 +334,38 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
     return res
 
 
-def save_table(path, tf, perplexity, ids, window):
-    np.savez_compressed(path, perplexity=perplexity, ids=ids, window=window,
+def shortcut_gate_sweep(n_points):
+    """The default sweep, plus the same gates checking from a third of the way in: through a
+    shortcut, middle points become worth checking."""
+    gates = default_gate_sweep(n_points) + default_gate_sweep(n_points, min_point=n_points // 3 - 1)
+    return list({str(g): g for g in gates}.values())
+
+
+def cached_table(model, path, ids, window, reuse, progress, shortcut=None):
+    """teacher_forced() of ids, read from `path` if reuse and it was saved for the same ids, window
+    and shortcut (written there otherwise). Returns (table, perplexity)."""
+    key = "plain" if shortcut is None else shortcut.digest()
+    tf, ppl = load_table(path, ids, window, 2 * model.config.n_layers, key) if reuse else (None, None)
+    if tf is None:
+        tf, ppl = teacher_forced(model, ids, window=window, progress=progress, shortcut=shortcut)
+        save_table(path, tf, ppl, ids, window, key)
+    return tf, ppl
+
+
+def save_table(path, tf, perplexity, ids, window, key="plain"):
+    np.savez_compressed(path, perplexity=perplexity, ids=ids, window=window, key=key,
                         **{k: getattr(tf, k) for k in TeacherForced.__dataclass_fields__})
 
 
-def load_table(path, ids, window, n_points):
-    """(table, perplexity) saved by save_table for these ids, window and n_points exit points, else
-    (None, None): a missing, damaged or foreign file is recomputed (np.load never unpickles)."""
+def load_table(path, ids, window, n_points, key="plain"):
+    """(table, perplexity) saved by save_table for these ids, window, n_points exit points and key
+    ("plain" or a shortcut's digest), else (None, None): a missing, damaged or foreign file is
+    recomputed (np.load never unpickles)."""
     N = len(ids) - 1                                                   # predictions in the table
     shapes = {k: (n_points, N) for k in TeacherForced.__dataclass_fields__} | {"targets": (N,), "inputs": (N,)}
     try:
         with np.load(path) as z:
-            if (int(z["window"]) != window or not np.array_equal(z["ids"], ids)
+            if (int(z["window"]) != window or not np.array_equal(z["ids"], ids) or str(z["key"]) != key
                     or any(z[k].shape != shape for k, shape in shapes.items())):
                 return None, None
             return TeacherForced(**{k: z[k] for k in shapes}), float(z["perplexity"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from .lens import log_softmax
+from .lens import log_softmax, point_logits
 from .ops import rms_norm
 
 GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
@@ -210,7 +210,7 @@ def flops(config, S):
     D, F, V, hd = config.d_model, config.d_ff, config.vocab_size, config.head_dim
     q, kv = config.n_heads * hd, config.n_kv_heads * hd
     return {"attn": 2 * D * (2 * q + 2 * kv) + 4 * q * S, "mlp": 6 * D * F,
-            "lm_head": 2 * D * V, "kv_project": 4 * D * kv}
+            "lm_head": 2 * D * V, "kv_project": 4 * D * kv, "shortcut": 2 * D * D}
 
 
 # ------------------------------------------------------------------ one early-exit decode step
@@ -222,6 +222,7 @@ class ExitStats:
     points: list = field(default_factory=list)
     sublayers: list = field(default_factory=list)
     lm_head_calls: list = field(default_factory=list)
+    shortcut_calls: list = field(default_factory=list)
     flops: list = field(default_factory=list)
 
     def record(self, **step):
@@ -242,6 +243,7 @@ class ExitStats:
                 "mean_blocks_computed": sum(self.sublayers) / 2 / n if len(pts) else None,
                 "share_early": float((pts < full - 1).mean()) if len(pts) else None,
                 "lm_head_calls_per_token": sum(self.lm_head_calls) / n,
+                "shortcut_calls_per_token": sum(self.shortcut_calls) / n,
                 "flops_per_token": sum(self.flops) / n}
 
 
@@ -254,11 +256,20 @@ class ExitDecoder:
     that exited drops out: the deeper sub-layers run on the rows still going (gathered, computed,
     scattered back), and the gate checks only them. kv="compute" is the exception: it finishes
     every block of every row for an exact cache. step(token, kv) is one sequence.
+
+    shortcut (minee.shortcuts.Shortcuts): decode an early exit point p through its affine map,
+    lm_head(final_norm(h_p @ weight[p] + bias[p])), for the gate's features and for the token.
+    The skipped blocks' keys/values are still filled from the exit state h_p itself (propagate)
+    or the exit block's K/V (copy): the map estimates the *last* state, which no block's K/V
+    projection sees, while h_p is the input the next block really expects
+    (docs/reproduction.md, E7, measures the alternative).
     """
 
-    def __init__(self, model, gate, kv="copy"):
+    def __init__(self, model, gate, kv="copy", shortcut=None):
         check_kv_mode(kv)
-        self.model, self.gate, self.kv_mode = model, parse_gate(gate), kv
+        if shortcut is not None:
+            shortcut.check_model(model)
+        self.model, self.gate, self.kv_mode, self.shortcut = model, parse_gate(gate), kv, shortcut
         self.n_points = 2 * model.config.n_layers
         self.candidates = set(self.gate.candidates(self.n_points))
         if self.gate.kind == "fixed" and not 0 <= self.gate.value < self.n_points:
@@ -287,7 +298,7 @@ class ExitDecoder:
         S = positions[:, 0] + 1                                                    # (n,) positions attended
         self.cost = {k: np.broadcast_to(v, S.shape) for k, v in flops(self.model.config, S).items()}
         self.tally = {"sublayers": np.zeros(len(S), np.int64), "lm_head_calls": np.zeros(len(S), np.int64),
-                      "flops": np.zeros(len(S))}                                   # this step's cost per row
+                      "shortcut_calls": np.zeros(len(S), np.int64), "flops": np.zeros(len(S))}   # this step's cost per row
         x = self.model.embed_tokens[tokens][:, None, :]                            # (n, 1, D)
         run = self._oracle if self.gate.kind == "oracle" else self._gated
         points, states, logits = run(x, positions, kv, rows)
@@ -303,10 +314,19 @@ class ExitDecoder:
         self.tally["flops"][on] += self.cost["attn" if p % 2 == 0 else "mlp"][on]
         return self.sublayer(p, x, positions, kv, rows)
 
-    def _unembed(self, x, on):
-        """Logits (k, V) of the states x (k, 1, D) of the rows `on`, with the LM head's cost charged to them."""
+    def _decode(self, x, points, on):
+        """Logits (k, V) of the states x (k, 1, D) of the rows `on` at exit points (k,), through the
+        shortcut if any (except at the last point, where it is the identity), with their costs
+        charged to those rows."""
         self.tally["lm_head_calls"][on] += 1
         self.tally["flops"][on] += self.cost["lm_head"][on]
+        if self.shortcut is None:
+            return self.model.unembed(x)[:, -1]
+        early = points < self.n_points - 1
+        self.tally["shortcut_calls"][on[early]] += 1
+        self.tally["flops"][on[early]] += self.cost["shortcut"][on[early]]
+        x = x.copy()
+        x[early] = self.shortcut.apply(x[early], points[early])              # (k_early, 1, D)
         return self.model.unembed(x)[:, -1]
 
     def _gated(self, x, positions, kv, rows):
@@ -330,7 +350,7 @@ class ExitDecoder:
             live = np.flatnonzero(~done)                              # rows the gate still checks
             f = {"depth": np.full(len(live), p / last), "cosine": cosine(x[live, 0], before[live, 0])}
             if self.gate.needs_logits:
-                logits[live] = self._unembed(x[live], live)
+                logits[live] = self._decode(x[live], np.full(len(live), p), live)
                 f.update(logit_features(log_softmax(logits[live])))
                 run[live] = np.where(f["top1"] == prev_top1[live], run[live] + 1, 1)
                 prev_top1[live], f["run"] = f["top1"], run[live]
@@ -341,7 +361,7 @@ class ExitDecoder:
         states[~done] = x[~done]
         undecoded = np.flatnonzero(~decoded)
         if undecoded.size:
-            logits[undecoded] = self._unembed(states[undecoded], undecoded)
+            logits[undecoded] = self._decode(states[undecoded], points[undecoded], undecoded)
         return points, states, logits
 
     def computing(self, done):
@@ -351,19 +371,20 @@ class ExitDecoder:
 
     def _oracle(self, x, positions, kv, rows):
         """Run every point, then exit in hindsight at each row's first point from which the top-1
-        stays final. The stats count what an ideal gate would pay: the sub-layers up to p, one LM head."""
+        (through the shortcut, if any) stays final. The stats count what an ideal gate would pay:
+        the sub-layers up to p, one LM head (and one shortcut)."""
         states = []
         for p in range(self.n_points):
             x = self.sublayer(p, x, positions, kv, rows)
             states.append(x[:, 0])
         states = np.stack(states)                                          # (P, n, D)
-        points = stable_point(self.model.unembed(states).argmax(-1))        # (n,)
+        points = stable_point(point_logits(self.model, states, slice(None), self.shortcut).argmax(-1))  # (n,)
         every = np.arange(len(points))
         sub = np.stack([self.cost["attn" if q % 2 == 0 else "mlp"] for q in range(self.n_points)])  # (P, n)
         self.tally["flops"] += np.cumsum(sub, axis=0)[points, every]
         self.tally["sublayers"] += points + 1
         exit_states = states[points, every][:, None]                       # (n, 1, D)
-        return points, exit_states, self._unembed(exit_states, every)
+        return points, exit_states, self._decode(exit_states, points, every)
 
     def fill_skipped(self, points, states, positions, kv, rows):
         """Keys/values at each row's new position for the blocks after its exit block (points // 2).

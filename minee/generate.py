@@ -6,6 +6,7 @@ import numpy as np
 
 from .batch import decode
 from .exits import ExitDecoder, check_kv_mode
+from .lens import shortcut_label
 from .ops import softmax
 
 
@@ -79,19 +80,20 @@ class TextStream:
 
 
 def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-             chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy"):
+             chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy", shortcut=None):
     """Continue `prompt` (text or ids) by up to max_new_tokens tokens; on_text(piece) streams the text.
 
     exit: a gate (spec string such as "confidence:0.9" or an exits.Gate) to leave the network
     early on every decoded token; kv: how the skipped layers' keys/values are filled
-    ("copy", "propagate" or "compute", see exits.py). The prompt always runs the full model.
+    ("copy", "propagate" or "compute", see exits.py); shortcut: minee.shortcuts.Shortcuts through
+    which an early exit point is decoded (needs exit=). The prompt always runs the full model.
     """
     return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, chat,
-                          stop_at_eos, on_text, exit, kv)[0]
+                          stop_at_eos, on_text, exit, kv, shortcut)[0]
 
 
 def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy"):
+                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy", shortcut=None):
     """generate() for a list of prompts (of any token lengths) decoded together: one Generation per prompt.
 
     Each prompt is prefilled into a KV cache row of its own; then every step decodes the rows
@@ -103,12 +105,12 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
     single prompt only. The same as generate_many with batch_size=len(prompts).
     """
     results = _start(model, prompts, len(prompts), max_new_tokens, temperature, top_k, top_p, seed, chat,
-                     stop_at_eos, exit, kv, on_text)
+                     stop_at_eos, exit, kv, shortcut, on_text)
     return list(_in_order(results, len(prompts), progress=False))
 
 
 def generate_many(model, prompts, batch_size=16, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
-                  seed=None, chat=False, stop_at_eos=True, exit=None, kv="copy", progress=None):
+                  seed=None, chat=False, stop_at_eos=True, exit=None, kv="copy", shortcut=None, progress=None):
     """Decode any number of prompts with at most batch_size rows at once; yields one Generation
     per prompt, in prompt order.
 
@@ -123,17 +125,20 @@ def generate_many(model, prompts, batch_size=16, max_new_tokens=32, temperature=
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     results = _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                     stop_at_eos, exit, kv)
+                     stop_at_eos, exit, kv, shortcut)
     show = len(prompts) > batch_size if progress is None else progress
     return _in_order(results, len(prompts), show)
 
 
 def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat, stop_at_eos,
-           exit, kv, on_text=None):
+           exit, kv, shortcut, on_text=None):
     """Check every argument and prompt, then start the decode loop: (prompt index, Generation)
     pairs as prompts finish."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     check_kv_mode(kv)
+    if shortcut is not None and exit is None:
+        raise ValueError("a shortcut changes how early exits are decoded; give an exit gate too "
+                         "(exit=..., --exit on the command line)")
     if isinstance(prompts, str):
         raise ValueError("pass a list of prompts (texts or lists of ids); for one prompt use minee.generate")
     if not prompts:
@@ -146,22 +151,24 @@ def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p
     if longest + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.config.max_position_embeddings} positions")
-    decoder = None if exit is None else ExitDecoder(model, exit, kv)
+    decoder = None if exit is None else ExitDecoder(model, exit, kv, shortcut)
     stream = TextStream(model.tokenizer)
     on_token = None if on_text is None else (lambda i, token: on_text(stream.push(token)))
     rows = decode(model, ids, batch_size, max_new_tokens,
                   pick=lambda i, logits: sample(logits, temperature, top_k, top_p, rngs[i]),
                   stop_ids=model.config.eos_token_ids if stop_at_eos else (), decoder=decoder, on_token=on_token)
-    return ((row.index, generation(model, row, decoder, kv)) for row in rows)
+    return ((row.index, generation(model, row, decoder)) for row in rows)
 
 
-def generation(model, row, decoder, kv):
+def generation(model, row, decoder):
     """The Generation of one finished batch.Row, with its own row's stats."""
     n = len(row.tokens)
     stats = {"prompt_tokens": len(row.ids), "new_tokens": n, "prefill_s": row.prefill_s,
              "decode_s": row.decode_s, "decode_tokens_per_s": (n - 1) / row.decode_s if n > 1 else None}
     if decoder is not None:
-        stats.update(gate=str(decoder.gate), kv=kv, **decoder.stats.subset(row.steps).summary(model.config))
+        stats.update(gate=str(decoder.gate), kv=decoder.kv_mode,
+                     shortcut=decoder.shortcut and shortcut_label(decoder.shortcut),
+                     **decoder.stats.subset(row.steps).summary(model.config))
     text = model.tokenizer.decode(row.tokens, skip_special_tokens=True) if model.tokenizer else ""
     return Generation(row.ids, row.tokens, text, stats, row.points)
 

@@ -71,6 +71,20 @@ def test_batched_early_exit_equals_rows_alone(model, kind, kv):
     assert len(points) >= (1 if gate.kind == "fixed" else 3)          # rows really exit at different points
 
 
+@pytest.mark.parametrize("kind", [1, 7], ids=["confidence", "oracle"])
+def test_batched_exit_through_a_shortcut_equals_rows_alone(model, kind):
+    """Decoding exits through linear shortcuts: rows of a batch, each exiting (and checking its
+    gate) at its own points, equal each prompt alone; the shortcut products are counted per row."""
+    sc = minee.shortcuts.fit(model, np.random.default_rng(0).integers(0, 120, 300), progress=False)
+    gate = gates_of_every_kind(model)[kind]
+    batch = minee.generate_batch(model, PROMPTS, 8, exit=gate, shortcut=sc, stop_at_eos=False)
+    for prompt, out in zip(PROMPTS, batch):
+        alone = minee.generate(model, prompt, 8, exit=gate, shortcut=sc, stop_at_eos=False)
+        assert out.tokens == alone.tokens and out.exit_points == alone.exit_points
+        assert out.stats["shortcut_calls_per_token"] == pytest.approx(alone.stats["shortcut_calls_per_token"])
+    assert len({p for out in batch for p in out.exit_points[1:]}) >= 3
+
+
 def test_sampled_rows_with_exit_follow_their_own_seeds(model):
     kw = dict(temperature=1.5, top_k=40, stop_at_eos=False, exit=varied_gate(model), kv="propagate")
     batch = minee.generate_batch(model, PROMPTS, 12, seed=[4, 5, 6], **kw)
