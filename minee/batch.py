@@ -73,7 +73,10 @@ def decode(model, prompts, batch_size, max_new_tokens, pick, stop_ids=(), decode
             first = len(decoder.stats.points) - len(live)       # this step's entries in the ExitStats
             for j, s in enumerate(live):
                 slots[s].steps.append(first + j)
-        ends = [s for j, s in enumerate(live) if take(s, logits[j], int(points[j]))]
+        ends = []
+        for j, s in enumerate(live):                            # sample each row's next token
+            if take(s, logits[j], int(points[j])):
+                ends.append(s)
         dt = time.perf_counter() - t0
         for s in live:
             slots[s].decode_s += dt

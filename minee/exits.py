@@ -218,7 +218,8 @@ def flops(config, S):
 @dataclass
 class ExitStats:
     """One entry per decoded token, in decoding order: its exit point, the sub-layers computed for
-    it, the LM heads run for it and its estimated FLOPs. Rows decoded together each count their own."""
+    it, the LM heads and shortcut products run for it, and its estimated FLOPs. Rows decoded
+    together each count their own."""
     points: list = field(default_factory=list)
     sublayers: list = field(default_factory=list)
     lm_head_calls: list = field(default_factory=list)

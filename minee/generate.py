@@ -1,5 +1,5 @@
-"""Text generation: prefill the prompt into a KV cache, then sample one token at a time."""
-import time
+"""Text generation: sampling, and generate / generate_batch / generate_many on top of the decode
+loop of batch.py (prefill each prompt into a KV cache row, then sample one token at a time)."""
 from dataclasses import dataclass, field
 
 import numpy as np
