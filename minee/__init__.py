@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig, load_config
-from .generate import Generation, generate, generate_batch
+from .generate import Generation, generate, generate_batch, generate_many
 from . import shortcuts
 from .model import Model, hook_names
 from .speculative import speculative_generate
@@ -10,8 +10,9 @@ from .threads import get_threads, set_threads
 from .tokenizer import TokenizerError, load_tokenizer
 from .weights import WeightsError, load_weights
 
-__all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "generate_batch", "speculative_generate",
-           "hook_names", "ConfigError", "WeightsError", "TokenizerError", "set_threads", "get_threads", "shortcuts"]
+__all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "generate_batch", "generate_many",
+           "speculative_generate", "hook_names", "ConfigError", "WeightsError", "TokenizerError", "set_threads",
+           "get_threads", "shortcuts"]
 
 
 def resolve(src, progress=True) -> Path:

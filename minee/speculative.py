@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .exits import ExitDecoder, parse_gate
-from .generate import (Generation, TextStream, check_context, check_sampling, draw, encode_prompt, probabilities,
-                       sample)
+from .generate import (Generation, TextStream, check_context, check_sampling, draw, encode_prompt, generated_text,
+                       probabilities, sample)
 from .lens import shortcut_label
 
 DEFAULT_K = 4                 # tokens drafted per cycle
@@ -58,15 +58,15 @@ class DraftDecoder(ExitDecoder):
         states, self.trace = np.concatenate(self.trace)[:, 0], None         # (p+1, D)
         return logits, point, states
 
-    def sublayer(self, p, x, positions, kv):
-        x = super().sublayer(p, x, positions, kv)
+    def sublayer(self, p, x, positions, kv, rows=None):
+        x = super().sublayer(p, x, positions, kv, rows)
         if self.trace is not None:
             self.trace.append(x)                                             # (1, 1, D)
         return x
 
-    def fill_skipped(self, points, states, positions, kv):
+    def fill_skipped(self, points, states, positions, kv, rows):
         if self.gate.kind != "fixed":
-            super().fill_skipped(points, states, positions, kv)
+            super().fill_skipped(points, states, positions, kv, rows)
 
 
 def draft_decoder(model, draft, k, shortcut=None):
@@ -240,7 +240,7 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
         return len(tokens) < max_new_tokens and not (stop_at_eos and token in eos)
 
     t0 = time.perf_counter()
-    logits = model.forward(ids, kv_cache=cache)[0, -1]                      # prefill: (V,)
+    logits = model.forward(ids, kv_cache=cache, last_only=True)[0, -1]     # prefill: (V,)
     t1 = time.perf_counter()
     going = emit(sample(logits, temperature, top_k, top_p, rng), decoder.n_points - 1)
     while going:
@@ -257,5 +257,4 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
            "decode_tokens_per_s": (n_new - 1) / (t2 - t1) if n_new > 1 else None,
            "draft": str(decoder.gate), "k": k, "shortcut": shortcut and shortcut_label(shortcut),
            **stats.summary(), "mean_draft_point": decoder.stats.summary(model.config)["mean_exit_point"]}
-    text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer else ""
-    return Generation(ids, tokens, text, out, points)
+    return Generation(ids, tokens, generated_text(model, tokens), out, points)
