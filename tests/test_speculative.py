@@ -410,6 +410,14 @@ def test_cli_errors_before_any_output(tiny_dir, capsys, extra, match):
     assert captured.err.count("\n") == 1 and match in captured.err
 
 
+def test_cli_speculative_decodes_one_prompt(tiny_dir, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text(words(PROMPTS[0]) + "\n" + words(PROMPTS[1]) + "\n")
+    rc = main(["generate", "--model", str(tiny_dir), "--prompts-file", str(tmp_path / "prompts.txt"),
+               "--speculative", "fixed:5"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == "" and "give --prompt instead of --prompts-file" in captured.err
+
+
 # ------------------------------------------------------------------ SmolLM2
 
 @pytest.fixture(scope="module")
