@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .exits import ExitDecoder, check_kv_mode
+from .exits import ExitDecoder, ExitStats, check_kv_mode
 from .ops import softmax
 
 
@@ -20,7 +20,11 @@ class Generation:
 def encode_prompt(model, prompt, chat=False):
     """Prompt ids from a string (through the tokenizer, optionally the chat template) or a list of ids."""
     if not isinstance(prompt, str):
-        return [int(i) for i in model.check_ids(prompt)[0]]
+        ids = model.check_ids(prompt)
+        if len(ids) != 1:
+            raise ValueError(f"a prompt is one sequence of ids, got a batch of {len(ids)} rows; pass a list of "
+                             "prompts to generate_batch, or call generate once per row")
+        return [int(i) for i in ids[0]]
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer.json, so it cannot encode text; pass token ids")
     if chat:
@@ -50,18 +54,24 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """Every sampling argument checked, so that a bad one fails before any output (NaN included)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError("top_k and top_p only apply when sampling; set a temperature > 0 (e.g. 0.8) "
+                         "or leave them out for greedy decoding")
 
 
 class TextStream:
-    """Turns a growing list of ids into new text pieces, holding back half-finished UTF-8 characters."""
+    """Turns a growing list of ids into new text pieces, holding back half-finished UTF-8 characters
+    until they complete; finish() returns whatever is still held back, so that the pieces add up to
+    the decoded text."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.sent = tokenizer, [], 0
@@ -76,21 +86,30 @@ class TextStream:
         piece, self.sent = text[self.sent:], len(text)
         return piece
 
+    def finish(self):
+        """The held-back tail (e.g. an incomplete character at the end, decoded as U+FFFD)."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
 
 def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-             chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy"):
+             chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None):
     """Continue `prompt` (text or ids) by up to max_new_tokens tokens; on_text(piece) streams the text.
 
     exit: a gate (spec string such as "confidence:0.9" or an exits.Gate) to leave the network
     early on every decoded token; kv: how the skipped layers' keys/values are filled
-    ("copy", "propagate" or "compute", see exits.py). The prompt always runs the full model.
+    ("copy", the default with a gate, "propagate" or "compute", see exits.py). The prompt always
+    runs the full model. Every argument is checked before on_text is first called.
     """
     return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, chat,
                           stop_at_eos, on_text, exit, kv)[0]
 
 
 def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy"):
+                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None):
     """generate() for B prompts of the same token length at once: one Generation per prompt.
 
     Every step decodes all rows together (one matmul per weight), early exit included: a row that
@@ -98,6 +117,10 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
     last one finishes; the stats count every row of every step.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if exit is None and kv is not None:
+        raise ValueError(f"kv={kv!r} fills the keys/values of blocks an early exit skips; it needs an exit gate "
+                         "(e.g. exit='confidence:0.9'), or leave it out")
+    kv = "copy" if kv is None else kv
     check_kv_mode(kv)
     if on_text is not None and len(prompts) != 1:
         raise ValueError("on_text streams one sequence; pass a single prompt to stream")
@@ -111,13 +134,14 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
                          f"model's context of {model.config.max_position_embeddings} positions")
     last_point = 2 * model.config.n_layers - 1
     if exit is None:
-        decoder = None
+        decoder, costs = None, ExitStats()
 
         def step(tokens, cache):
+            costs.full_pass(model.config, B, cache.length + 1)
             return model.forward(np.array(tokens)[:, None], kv_cache=cache)[:, -1], np.full(B, last_point)
     else:
         decoder = ExitDecoder(model, exit, kv)
-        step = decoder.step_batch
+        step, costs = decoder.step_batch, decoder.stats
     rng = np.random.default_rng(seed)
     cache = model.new_kv_cache(B, T + max_new_tokens)
     stream = TextStream(model.tokenizer)
@@ -139,12 +163,15 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
         logits, exit_points = step(new, cache)                                 # decode one position: (B, V)
         for b in np.flatnonzero(live):
             points[b].append(int(exit_points[b]))
+    if on_text is not None and (tail := stream.finish()):
+        on_text(tail)
     t2 = time.perf_counter()
     n_new = sum(len(t) for t in tokens)
     stats = {"prompt_tokens": T, "new_tokens": n_new, "prefill_s": t1 - t0,
              "decode_s": t2 - t1, "decode_tokens_per_s": (n_new - B) / (t2 - t1) if n_new > B else None}
+    stats.update(costs.summary(model.config))
     if decoder is not None:
-        stats.update(gate=str(decoder.gate), kv=kv, **decoder.stats.summary(model.config))
+        stats.update(gate=str(decoder.gate), kv=kv)
     def text(t):
         return model.tokenizer.decode(t, skip_special_tokens=True) if model.tokenizer else ""
 

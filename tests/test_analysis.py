@@ -49,23 +49,25 @@ def test_gate_exits_accuracy_and_error_by_hand():
             [0.1, 0.7, 0.1, 0.1, 0.1],
             [0.1, 0.1, 0.1, 0.1, 0.1]]
     tf = table(HAND, conf)
-    exits, checks = analysis.gate_exits(Gate("confidence", 0.5), tf)
+    exits, checks = analysis.gate_exits(Gate("confidence", 0.5, min_point=0), tf)
     assert exits.tolist() == [0, 2, 1, 3, 1]            # first candidate with confidence >= 0.5
     assert checks.tolist() == [1, 3, 2, 3, 2]           # LM-head checks spent (the last point needs none)
-    r = analysis.gate_report(Gate("confidence", 0.5), tf)
+    r = analysis.gate_report(Gate("confidence", 0.5, min_point=0), tf)
     assert r["accuracy"] == pytest.approx(2 / 5)        # equals stable [2, 3, 1, 3, 3] at tokens 2 and 3
     assert r["exit_error"] == pytest.approx(2 / 5)      # exit top-1 differs from final at tokens 1 and 4
-    assert r["mean_layers_used"] == pytest.approx(np.mean([1, 3, 2, 4, 2]) / 2)
-    # min_point=2 removes points 0 and 1 from the candidates
+    assert r["mean_exit_depth"] == pytest.approx(np.mean([1, 3, 2, 4, 2]) / 2)
+    # min_point=2 removes points 0 and 1 from the candidates; the default (the last third) starts at 1
     exits, _ = analysis.gate_exits(Gate("confidence", 0.5, min_point=2), tf)
     assert exits.tolist() == [3, 2, 3, 3, 3]
+    exits, _ = analysis.gate_exits(Gate("confidence", 0.5), tf)
+    assert exits.tolist() == [3, 2, 1, 3, 1]
     # the oracle gate is exact by definition
     assert analysis.gate_report(Gate("oracle"), tf)["accuracy"] == 1.0
     assert analysis.gate_report(Gate("oracle"), tf)["exit_error"] == 0.0
 
 
 def test_patience_on_the_table():
-    exits, _ = analysis.gate_exits(Gate("patience", 2), table(HAND))
+    exits, _ = analysis.gate_exits(Gate("patience", 2, min_point=0), table(HAND))
     assert exits.tolist() == [3, 1, 2, 1, 2]            # same top-1 at two consecutive checked points
 
 
@@ -148,7 +150,7 @@ def test_e6_splits_and_trains(tiny_with_tokenizer):
     e6 = analysis.e6_learned(tf, min_point=0, thresholds=(0.5, 0.9))
     assert (e6["train_tokens"], e6["test_tokens"]) == (32, 32)
     assert len(e6["learned"]) == len(e6["confidence"]) == 2
-    assert e6["learned"][0]["mean_layers_used"] <= e6["learned"][1]["mean_layers_used"]
+    assert e6["learned"][0]["mean_exit_depth"] <= e6["learned"][1]["mean_exit_depth"]
 
 
 def test_analyze_cli_writes_every_file(tiny_with_tokenizer, tmp_path, capsys):
