@@ -51,7 +51,8 @@ def cmd_generate(args):
                           "tokens": out.tokens, "text": out.text, "exit_points": out.exit_points,
                           "threads": args.threads, "stats": out.stats}, indent=2))
     else:
-        print(f"\n[{summary_line(out.stats, model.config.n_layers, args.threads)}]", file=sys.stderr)
+        print()                                     # the text ends its line on stdout
+        print(f"[{summary_line(out.stats, model.config.n_layers, args.threads)}]", file=sys.stderr)
 
 
 def summary_line(s, n_layers, threads):
@@ -67,7 +68,7 @@ def summary_line(s, n_layers, threads):
     if "gate" not in s:
         return f"{line}; {cost}"
     if s["hindsight"]:
-        cost = f"in hindsight an ideal gate computes {cost}"
+        cost = f"hindsight costs of an ideal gate: {cost}"
     return f"{line}: exit depth {s['mean_exit_depth']:.1f} blocks, {cost}"
 
 
@@ -239,7 +240,7 @@ def parser():
                          "2 for 256 tokens up to 8 from 4096 on)")
     an.add_argument("--gen-tokens", type=int, default=None,
                     help="tokens generated per E5 prompt (default: scaled with --max-tokens, "
-                         "32 for 256 tokens up to 48 from 384 on)")
+                         "16 for 256 tokens up to 48 from 768 on)")
     an.add_argument("--reuse", action="store_true",
                     help="reuse OUT/teacher_forced.npz from an earlier run on the same tokens")
     an.set_defaults(run=cmd_analyze)

@@ -236,9 +236,10 @@ def e4_sublayer(tf):
 
 def e5_size(n_tokens, prompts=None, new_tokens=None):
     """E5's (prompts, tokens generated per prompt): as given, else scaled with the corpus tokens in
-    use so that a small run stays small: 2 x 32 for 256 tokens, 8 x 48 from 4,096 tokens on."""
+    use so that a small run stays small: 2 x 16 for 256 tokens, 8 x 48 from 4,096 tokens on. (An
+    oracle token costs several plain ones: it decodes many exit points to find its stable one.)"""
     prompts = min(8, max(2, n_tokens // 512)) if prompts is None else prompts
-    new_tokens = min(48, max(16, n_tokens // 8)) if new_tokens is None else new_tokens
+    new_tokens = min(48, max(16, n_tokens // 16)) if new_tokens is None else new_tokens
     return prompts, new_tokens
 
 
@@ -252,7 +253,9 @@ def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODE
     with tqdm(total=runs * len(prompts) * new_tokens, desc="E5 generation", unit="token",
               disable=not progress) as bar:
         def gen(p, **kw):
-            return generate(model, p, new_tokens, stop_at_eos=False, on_text=lambda _: bar.update(1), **kw)
+            out = generate(model, p, new_tokens, stop_at_eos=False, **kw)
+            bar.update(len(out.tokens))
+            return out
 
         ref = [gen(p).tokens for p in prompts]
         res = {"gate": str(gate), "prompts": len(prompts), "new_tokens": new_tokens}
@@ -299,6 +302,7 @@ def e6_learned(tf, min_point=None, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
                                 min_point=min_point), test) for t in thresholds]
     confidence = [gate_report(Gate("confidence", t, min_point=min_point), test) for t in thresholds]
     return {"train_tokens": int(train.top1.shape[1]), "test_tokens": int(test.top1.shape[1]),
+            "min_point": int(min_point), "thresholds": list(thresholds),
             "params": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()},
             "learned": learned, "confidence": confidence}
 
