@@ -209,8 +209,8 @@ def test_compute_cache_equals_plain_decoding_cache(model):
         model.forward(np.array([t]), kv_cache=ref)
     n = len(PROMPT) + len(tokens)
     assert kv.length == ref.length == n
-    np.testing.assert_allclose(kv.keys[:, :, :, :n], ref.keys[:, :, :, :n], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(kv.values[:, :, :, :n], ref.values[:, :, :, :n], rtol=0, atol=1e-6)
+    for got, want in ((kv.keys, ref.keys), (kv.values, ref.values)):
+        assert np.abs(got[:, :, :, :n] - want[:, :, :, :n]).max() <= 1e-6 * np.abs(want[:, :, :, :n]).max()
 
 
 # ------------------------------------------------------------------ copy / propagate fill the skipped layers
@@ -232,8 +232,8 @@ def test_copy_fills_deeper_blocks_with_exit_block_kv(model, p):
     fk, fv = full_kv(model, PROMPT + [tok])
     for b in range(L):
         src = b if b <= l else l                           # deeper blocks: a copy of block l's entry
-        np.testing.assert_allclose(kv.keys[b, 0, :, pos], fk[src, :, pos], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(kv.values[b, 0, :, pos], fv[src, :, pos], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(kv.keys[b, 0, :, pos], fk[src, :, pos], rtol=1e-5, atol=1e-5 * np.abs(fk).max())
+        np.testing.assert_allclose(kv.values[b, 0, :, pos], fv[src, :, pos], rtol=1e-5, atol=1e-5 * np.abs(fv).max())
         if b > l:                                          # literally copied
             np.testing.assert_array_equal(kv.keys[b, :, :, pos], kv.keys[l, :, :, pos])
             np.testing.assert_array_equal(kv.values[b, :, :, pos], kv.values[l, :, :, pos])
@@ -258,8 +258,8 @@ def test_propagate_fills_deeper_blocks_with_projected_exit_state(tiny, p):
             k, v = fk[b, :, pos], fv[b, :, pos]
         else:                                              # exit state through block b's norm + k/v + RoPE
             k, v = hand_kv(ref, b, h, pos)
-        np.testing.assert_allclose(kv.keys[b, 0, :, pos], k, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(kv.values[b, 0, :, pos], v, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(kv.keys[b, 0, :, pos], k, rtol=1e-4, atol=1e-5 * np.abs(fk).max())
+        np.testing.assert_allclose(kv.values[b, 0, :, pos], v, rtol=1e-4, atol=1e-5 * np.abs(fv).max())
     np.testing.assert_array_equal(kv.keys[:, :, :, :pos], before_k[:, :, :, :pos])
     assert not kv.keys[:, :, :, pos + 1:].any()
 
@@ -303,7 +303,7 @@ def test_next_token_attends_to_filled_entries(tiny, kv_mode):
         else:
             hk[b, :, pos], hv[b, :, pos] = hand_kv(ref, b, h, pos)
     want = hf_next_logits(ref, hk, hv, nxt, pos + 1)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     assert np.abs(bad - got).max() > 1e-2
     # and the filled cache is not the exact one: with it the next logits would differ
     exact = hf_next_logits(ref, fk, fv, nxt, pos + 1)
@@ -629,7 +629,8 @@ def test_oracle_with_copy_fills_deeper_blocks(model, tok):
     assert p // 2 < L - 1                                  # (chosen so that some blocks are skipped)
     fk, _ = full_kv(model, PROMPT + [tok])
     for b in range(L):
-        np.testing.assert_allclose(kv.keys[b, 0, :, pos], fk[min(b, p // 2), :, pos], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(kv.keys[b, 0, :, pos], fk[min(b, p // 2), :, pos], rtol=1e-5,
+                                   atol=1e-5 * np.abs(fk).max())
 
 
 # ------------------------------------------------------------------ stats
@@ -685,3 +686,72 @@ def test_cli_generate_bad_gate_is_an_error(smollm2_dir, capsys):
                "--exit", "speed:3", "--json"])
     assert rc == 2
     assert "unknown gate" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ learned-gate files are untrusted input
+
+def good_gate_dict():
+    f, y = synthetic(300, 4)
+    p = train_learned_gate(f, y, threshold=0.7)
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"features": ["confidence"],\n"mean" [0.5]}', ["not valid JSON", "line 2"]),
+    ("[1, 2, 3]", ["JSON object", "features"]),
+    ('{"weights": [1, 2]}', ["missing field(s) features, mean, std, w, b, threshold", "unknown field(s) weights",
+                            "minee train-gate"]),
+    (lambda d: {**d, "features": ["confidence", "speed"]}, ["'features'", "confidence, margin"]),
+    (lambda d: {**d, "w": d["w"][:2]}, ["'w'", "5 finite numbers"]),
+    (lambda d: {**d, "mean": [float("nan")] * 5}, ["'mean'", "finite"]),
+    (lambda d: {**d, "std": [0.0] * 5}, ["'std'", "> 0"]),
+    (lambda d: {**d, "b": "x"}, ["'b'", "finite number"]),
+    (lambda d: {**d, "threshold": 1.5}, ["'threshold'", "(0, 1)"]),
+], ids=["bad_json", "not_an_object", "wrong_keys", "unknown_feature", "short_w", "nan_mean", "zero_std",
+        "text_b", "threshold"])
+def test_bad_gate_files_are_errors_naming_file_and_field(model, tmp_path, text, words):
+    """The issue's cases: a JSON error without the file, `minee: error: 'features'` for wrong keys,
+    and NaN gates accepted by generate."""
+    path = tmp_path / "gate.json"
+    raw = text(good_gate_dict()) if callable(text) else text
+    path.write_text(raw if isinstance(raw, str) else json.dumps(raw))
+    with pytest.raises(ValueError) as e:
+        minee.generate(model, PROMPT, 3, exit=f"learned:{path}")
+    for w in [str(path), *words]:
+        assert w in str(e.value), w
+
+
+def test_gate_file_size_is_checked_before_reading(tmp_path):
+    path = tmp_path / "huge.json"
+    path.write_bytes(b" " * (2 << 20))
+    with pytest.raises(ValueError, match="not one"):
+        load_learned_gate(path)
+
+
+def test_a_nan_gate_is_never_trained_or_saved(tmp_path):
+    """--min-point 100 used to train on no data: mean/std of nothing gave a NaN gate that was saved."""
+    f, y = synthetic(10, 0)
+    empty = {k: v[:0] for k, v in f.items()}
+    with pytest.raises(ValueError, match="no training examples"):
+        train_learned_gate(empty, y[:0])
+    with pytest.raises(ValueError, match="all 10 training labels are 1"):
+        train_learned_gate(f, np.ones(10))
+    bad = {**train_learned_gate(f, y), "w": np.full(5, np.nan)}
+    with pytest.raises(ValueError, match="'w'"):
+        save_learned_gate(bad, tmp_path / "nan.json")
+    assert not (tmp_path / "nan.json").exists()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 8])
+def test_oracle_finds_stable_points_decoding_from_the_end(model, chunk):
+    """The oracle decodes points from the last one backwards and stops early; it must find the same
+    stable points as decoding every point, for rows that settle early, late or at point 0."""
+    rng = np.random.default_rng(chunk)
+    states = rng.standard_normal((P, 6, D)).astype(np.float32)
+    final = states[-1].copy()
+    states[:, 0] = final[0]                                # row 0: the same state everywhere: stable at 0
+    states[3:, 1] = final[1]                               # row 1: stable from point 3 on (at least)
+    want = stable_point(model.unembed(states).argmax(-1))
+    got = ExitDecoder(model, "oracle")._stable_points(states, chunk=chunk)
+    np.testing.assert_array_equal(got, want)
+    assert want[0] == 0 and want[1] <= 3 and len(set(want.tolist())) >= 3

@@ -194,7 +194,7 @@ def test_lens_result_matches_torch(pair, store):
     # the last point is the model itself
     m = res.metrics
     assert (m["agree"][-1] == 1).all() and (m["final_rank"][-1] == 0).all()
-    assert np.abs(m["kl"][-1]).max() < 1e-5
+    assert np.abs(m["kl"][-1]).max() <= 1e-5 * np.log(model.config.vocab_size)   # 0 up to rounding of log-probs
     assert np.isnan(m["accuracy"][:, -1]).all() and not np.isnan(m["accuracy"][:, :-1]).any()
 
 
