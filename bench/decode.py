@@ -282,7 +282,7 @@ def skeleton(model):
     """
     sk = copy.copy(model)
     zeros = np.zeros((1, 1, model.config.d_model), np.float32)
-    sk.attn_sublayer = lambda l, x, start, kv_cache=None: zeros
+    sk.attn_sublayer = lambda l, x, positions, kv_cache=None, rows=None: zeros
     sk.mlp_sublayer = lambda l, x: zeros
     sk.lm_head = model.lm_head[:1]
     return sk
@@ -300,6 +300,7 @@ def breakdown(model, ids, reps, deadline=float("inf")):
     kv = model.new_kv_cache(1, len(ids) + 1)
     model.forward(ids, kv_cache=kv)
     start = kv.length
+    positions = np.array([[start]])                      # (1, 1)
     tok = np.array([[int(ids[-1])]])
     sk = skeleton(model)
     t = {"total": [], "attention": [], "mlp": [], "lm_head": [], "rest": []}
@@ -314,7 +315,7 @@ def breakdown(model, ids, reps, deadline=float("inf")):
         ta = tm = 0.0
         for l in range(L):
             t0 = time.perf_counter()
-            a = model.attn_sublayer(l, x, start, kv)
+            a = model.attn_sublayer(l, x, positions, kv)
             t1 = time.perf_counter()
             x = x + a
             t2 = time.perf_counter()

@@ -98,7 +98,7 @@ def unit_costs(model, reps=30):
         kv.length = 100
         model.forward([5], kv_cache=kv)
 
-    fns = {"attn": lambda: model.attn_sublayer(10, x, 100, kv), "mlp": lambda: model.mlp_sublayer(10, x),
+    fns = {"attn": lambda: model.attn_sublayer(10, x, np.array([[100]]), kv), "mlp": lambda: model.mlp_sublayer(10, x),
            "lm_head": lambda: model.unembed(x), "forward": forward}
     timings = {name: [] for name in fns}
     for _ in range(reps):

@@ -1,4 +1,4 @@
-"""KV cache: every layer's keys and values, preallocated once, filled left to right."""
+"""KV cache: every layer's keys and values, preallocated once; each row is one sequence with its own length."""
 import numpy as np
 
 
@@ -7,17 +7,19 @@ class CacheFullError(ValueError):
 
 
 class KVCache:
-    """keys/values (L, B, KV, max_len, hd) float32; `length` positions are filled in every row.
+    """keys/values (L, B, KV, max_len, hd) float32; row b has its positions 0 .. lengths[b]-1 filled.
 
-    The model writes a forward pass's new positions with `write`, reads a layer's filled
-    prefix with `view`, and moves `length` on once all layers have been written.
+    The model writes a forward pass's new positions with `write`, reads a layer's keys/values
+    with `view`, and moves the rows' lengths on with `advance` once all layers have been written.
+    Rows may hold sequences of different lengths (prompts of different lengths, a row refilled
+    with a new prompt); setting a row's length back forgets its later positions.
     """
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim):
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
-        self.length = 0
+        self.lengths = np.zeros(batch_size, dtype=np.int64)     # (B,) filled positions per row
 
     @property
     def batch_size(self):
@@ -27,25 +29,54 @@ class KVCache:
     def max_len(self):
         return self.keys.shape[3]
 
-    def check_room(self, B, T):
+    @property
+    def length(self):
+        """The length every row shares; an error when rows differ (read `lengths` then)."""
+        if (self.lengths != self.lengths[0]).any():
+            raise ValueError(f"the cache rows hold different lengths {self.lengths.tolist()}; "
+                             "read kv.lengths for each row's own")
+        return int(self.lengths[0])
+
+    @length.setter
+    def length(self, n):
+        self.lengths[:] = n
+
+    def positions(self, T, rows=None):
+        """Positions (n, T) of T new tokens in the given rows (default all): each continues its row."""
+        start = self.lengths if rows is None else self.lengths[rows]    # (n,)
+        return start[:, None] + np.arange(T)                            # (n, T)
+
+    def check_room(self, B, T, rows=None):
         """Raise a clear error before a forward pass that would not fit."""
-        if B != self.batch_size:
-            raise ValueError(f"input has batch size {B} but the KV cache was made for "
-                             f"{self.batch_size}; make one with model.new_kv_cache({B}, max_len)")
-        if self.length + T > self.max_len:
-            raise CacheFullError(f"KV cache holds {self.max_len} positions: {self.length} are used "
-                                 f"and {T} more were fed; make a bigger one with "
-                                 f"model.new_kv_cache(batch_size, max_len={self.length + T})")
+        n = self.batch_size if rows is None else len(rows)
+        if B != n:
+            raise ValueError(f"input has batch size {B} but {n} cache rows were given; make a cache "
+                             f"with model.new_kv_cache({B}, max_len) or pass rows= with {B} rows")
+        longest = int(self.positions(T, rows).max()) + 1
+        if longest > self.max_len:
+            raise CacheFullError(f"KV cache holds {self.max_len} positions per row and {longest} are "
+                                 f"needed; make a bigger one with model.new_kv_cache(batch_size, "
+                                 f"max_len={longest})")
 
-    def write(self, layer, k, v, start):
-        """Store k, v (B, KV, T, hd) at positions start .. start+T-1 of one layer."""
-        T = k.shape[2]
-        self.keys[layer, :, :, start:start + T] = k
-        self.values[layer, :, :, start:start + T] = v
+    def write(self, layer, k, v, positions, rows=None):
+        """Store k, v (n, KV, T, hd) at positions (n, T) of the given rows (default all) of one layer."""
+        rows = np.arange(self.batch_size) if rows is None else np.asarray(rows)
+        at = (layer, rows[:, None], slice(None), positions)              # selects (n, T, KV, hd)
+        self.keys[at] = k.transpose(0, 2, 1, 3)
+        self.values[at] = v.transpose(0, 2, 1, 3)
 
-    def view(self, layer, end):
-        """Keys and values (B, KV, end, hd) of positions 0 .. end-1 of one layer."""
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def view(self, layer, end, rows=None):
+        """Keys and values (n, KV, end, hd) of positions 0 .. end-1 of one layer: a view of all
+        rows, or a copy of the given rows."""
+        sel = slice(None) if rows is None else rows
+        return self.keys[layer, sel, :, :end], self.values[layer, sel, :, :end]
+
+    def advance(self, T, rows=None):
+        """Count T more positions as filled in the given rows (default all)."""
+        if rows is None:
+            self.lengths += T
+        else:
+            self.lengths[rows] += T
 
     def reset(self):
-        self.length = 0
+        self.lengths[:] = 0

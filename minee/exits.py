@@ -388,11 +388,11 @@ class ExitDecoder:
         self.candidates = set(gate.candidates(self.n_points))                  # errors for impossible settings
         self.stats = ExitStats(hindsight=gate.kind == "oracle")
 
-    def sublayer(self, p, x, pos, kv):
-        """Residual after exit point p given the residual before it: x (B, 1, D)."""
+    def sublayer(self, p, x, positions, kv):
+        """Residual after exit point p given the residual before it: x (B, 1, D) at positions (B, 1)."""
         l = p // 2
         if p % 2 == 0:
-            return x + self.model.attn_sublayer(l, x, pos, kv)
+            return x + self.model.attn_sublayer(l, x, positions, kv)
         return x + self.model.mlp_sublayer(l, x)
 
     def step(self, token, kv):
@@ -403,21 +403,21 @@ class ExitDecoder:
     def step_batch(self, tokens, kv):
         """One new position for each of B sequences: tokens (B,) -> logits (B, V), exit points (B,)."""
         tokens = np.asarray(tokens).reshape(-1)
-        kv.check_room(len(tokens), 1)
-        pos, self.cost = kv.length, flops(self.model.config, kv.length + 1)
+        positions = self.model.positions(len(tokens), 1, kv)                 # (B, 1)
+        self.cost = flops(self.model.config, float(positions.mean()) + 1)
         x = self.model.embed_tokens[tokens][:, None, :]                       # (B, 1, D)
         run = self._oracle if self.gate.kind == "oracle" else self._gated
-        points, states, logits = run(x, pos, kv)
-        self.fill_skipped(points, states, pos, kv)
-        kv.length += 1
+        points, states, logits = run(x, positions, kv)
+        self.fill_skipped(points, states, positions, kv)
+        kv.advance(1)
         self.stats.points.extend(points.tolist())
         return logits, points
 
-    def _run(self, p, x, pos, kv):
+    def _run(self, p, x, positions, kv):
         """sublayer() plus its cost (for every row computed) in the stats."""
         self.stats.sublayers += len(x)
         self.stats.flops += len(x) * self.cost["attn" if p % 2 == 0 else "mlp"]
-        return self.sublayer(p, x, pos, kv)
+        return self.sublayer(p, x, positions, kv)
 
     def _unembed(self, x):
         """Logits (n, V) of states x (n, 1, D), with the LM head's cost in the stats."""
@@ -425,7 +425,7 @@ class ExitDecoder:
         self.stats.flops += len(x) * self.cost["lm_head"]
         return self.model.unembed(x)[:, -1]
 
-    def _gated(self, x, pos, kv):
+    def _gated(self, x, positions, kv):
         """Run sub-layers until every row's gate said exit at a candidate point (or the last point).
 
         Returns exit points (B,), exit states (B, 1, D) and their logits (B, V)."""
@@ -437,7 +437,7 @@ class ExitDecoder:
         for p in range(self.n_points):
             if done.all() and self.kv_mode != "compute":              # compute: finish for an exact cache
                 break
-            before, x = x, self._run(p, x, pos, kv)                   # exited rows ride along, unused
+            before, x = x, self._run(p, x, positions, kv)                   # exited rows ride along, unused
             if p == last or p not in self.candidates:
                 continue
             live = ~done
@@ -456,13 +456,13 @@ class ExitDecoder:
             logits[~decoded] = self._unembed(states[~decoded])
         return points, states, logits
 
-    def _oracle(self, x, pos, kv):
+    def _oracle(self, x, positions, kv):
         """Run every point, then exit in hindsight at each row's first point from which the top-1
         stays final. The stats count what an ideal gate would pay: the sub-layers up to p (all of
         them with kv="compute"), one LM head."""
         states = []
         for p in range(self.n_points):
-            x = self.sublayer(p, x, pos, kv)
+            x = self.sublayer(p, x, positions, kv)
             states.append(x[:, 0])
         states = np.stack(states)                                          # (P, B, D)
         points = self._stable_points(states)                               # (B,)
@@ -486,36 +486,32 @@ class ExitDecoder:
             known = lo
         return known + stable_point(top1[known:])
 
-    def fill_skipped(self, points, states, pos, kv):
-        """Keys/values at position pos for the blocks after each row's exit block (points // 2).
+    def fill_skipped(self, points, states, positions, kv):
+        """Keys/values at each row's new position for the blocks after its exit block (points // 2).
 
         compute: nothing to do, every block ran for every row. Otherwise rows that exited before
         the batch's slowest row have K/V of their running state in the blocks the loop reached;
         every skipped block is overwritten here."""
         if self.kv_mode == "compute":
             return
-        l_exit = points // 2
+        l_exit, pos = points // 2, positions[:, 0]                             # (B,), (B,)
         for l in range(1, self.model.config.n_layers):
             rows = np.flatnonzero(l_exit < l)
             if not rows.size:
                 continue
             if self.kv_mode == "copy":                 # the exit block's K/V, reused in every deeper block
-                kv.keys[l, rows, :, pos] = kv.keys[l_exit[rows], rows, :, pos]
-                kv.values[l, rows, :, pos] = kv.values[l_exit[rows], rows, :, pos]
+                kv.keys[l, rows, :, pos[rows]] = kv.keys[l_exit[rows], rows, :, pos[rows]]
+                kv.values[l, rows, :, pos[rows]] = kv.values[l_exit[rows], rows, :, pos[rows]]
             else:                                      # propagate (CALM): the exit state through block l's K/V projections
-                k, v = kv_projection(self.model, l, states[rows], pos)
-                kv.keys[l, rows, :, pos], kv.values[l, rows, :, pos] = k[:, :, 0], v[:, :, 0]
+                k, v = kv_projection(self.model, l, states[rows], positions[rows])
+                kv.write(l, k, v, positions[rows], rows)
                 self.stats.flops += len(rows) * self.cost["kv_project"]
 
 
-def kv_projection(model, l, x, pos):
-    """Block l's keys and values (n, KV, 1, hd) for residual states x (n, 1, D) at position pos."""
-    w, c = model.layers[l], model.config
-    h = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)
-    k = model.split_heads(linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")))
-    v = model.split_heads(linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")))
-    cos, sin = model.rope(pos, 1)
-    return apply_rope(k, cos, sin), v
+def kv_projection(model, l, x, positions):
+    """Block l's keys and values (n, KV, 1, hd) for residual states x (n, 1, D) at positions (n, 1)."""
+    h = rms_norm(x, model.layers[l]["input_layernorm.weight"], model.config.norm_eps)
+    return model.keys_values(l, h, positions)
 
 
 # ------------------------------------------------------------------ oracles on teacher-forced data

@@ -110,11 +110,14 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
 
 def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
                    chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None):
-    """generate() for B prompts of the same token length at once: one Generation per prompt.
+    """generate() for B prompts (of any token lengths) at once: one Generation per prompt.
 
-    Every step decodes all rows together (one matmul per weight), early exit included: a row that
-    exits is frozen while the others go on. Rows that finished (EOS) keep being fed until the
-    last one finishes; the stats count every row of every step.
+    Each prompt is prefilled into a cache row of its own; then every step decodes all rows
+    together (one matmul per weight), each row at its own position. With early exit each row
+    exits at its own point; a row that exits is frozen while the others go on. Rows that
+    finished (EOS) keep being fed until the last one finishes; the stats count every row of
+    every step. seed: an int s (row b samples from its own stream, seeded s + b) or one seed per
+    row, so row b equals generate(prompts[b], seed=that row's seed) token for token.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if exit is None and kv is not None:
@@ -125,50 +128,48 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
     if on_text is not None and len(prompts) != 1:
         raise ValueError("on_text streams one sequence; pass a single prompt to stream")
     ids = [encode_prompt(model, p, chat) for p in prompts]
-    if len({len(i) for i in ids}) != 1:
-        raise ValueError(f"generate_batch needs prompts of equal token length (got {sorted({len(i) for i in ids})}); "
-                         "minee has no padding masks, so batch prompts of the same length or call generate per prompt")
-    B, T = len(ids), len(ids[0])
-    if T + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+    rngs = [np.random.default_rng(s) for s in row_seeds(seed, len(ids))]
+    B, longest = len(ids), max(len(i) for i in ids)
+    if longest + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.config.max_position_embeddings} positions")
     last_point = 2 * model.config.n_layers - 1
     if exit is None:
         decoder, costs = None, ExitStats()
 
         def step(tokens, cache):
-            costs.full_pass(model.config, B, cache.length + 1)
+            costs.full_pass(model.config, B, float(cache.lengths.mean()) + 1)
             return model.forward(np.array(tokens)[:, None], kv_cache=cache)[:, -1], np.full(B, last_point)
     else:
         decoder = ExitDecoder(model, exit, kv)
         step, costs = decoder.step_batch, decoder.stats
-    rng = np.random.default_rng(seed)
-    cache = model.new_kv_cache(B, T + max_new_tokens)
+    cache = model.new_kv_cache(B, longest + max_new_tokens)
     stream = TextStream(model.tokenizer)
     tokens, points = [[] for _ in range(B)], [[last_point] for _ in range(B)]
     finished = np.zeros(B, bool)
     t0 = time.perf_counter()
-    logits = model.forward(np.array(ids), kv_cache=cache)[:, -1]             # prefill: (B, V)
+    logits = np.stack([model.forward(i, kv_cache=cache, rows=[b])[0, -1]      # prefill row by row: (B, V)
+                       for b, i in enumerate(ids)])
     t1 = time.perf_counter()
     while True:
-        new = [sample(row, temperature, top_k, top_p, rng) for row in logits]
         for b in np.flatnonzero(~finished):
-            tokens[b].append(new[b])
-            finished[b] = len(tokens[b]) == max_new_tokens or (stop_at_eos and new[b] in model.config.eos_token_ids)
+            tokens[b].append(sample(logits[b], temperature, top_k, top_p, rngs[b]))
+            finished[b] = len(tokens[b]) == max_new_tokens or (stop_at_eos and tokens[b][-1] in model.config.eos_token_ids)
         if on_text is not None:
-            on_text(stream.push(new[0]))
+            on_text(stream.push(tokens[0][-1]))
         if finished.all():
             break
         live = ~finished
-        logits, exit_points = step(new, cache)                                 # decode one position: (B, V)
+        logits, exit_points = step([t[-1] for t in tokens], cache)            # decode one position: (B, V)
         for b in np.flatnonzero(live):
             points[b].append(int(exit_points[b]))
     if on_text is not None and (tail := stream.finish()):
         on_text(tail)
     t2 = time.perf_counter()
     n_new = sum(len(t) for t in tokens)
-    stats = {"prompt_tokens": T, "new_tokens": n_new, "prefill_s": t1 - t0,
-             "decode_s": t2 - t1, "decode_tokens_per_s": (n_new - B) / (t2 - t1) if n_new > B else None}
+    stats = {"prompt_tokens": sum(len(i) for i in ids), "new_tokens": n_new,
+             "prefill_s": t1 - t0, "decode_s": t2 - t1,
+             "decode_tokens_per_s": (n_new - B) / (t2 - t1) if n_new > B else None}
     stats.update(costs.summary(model.config))
     if decoder is not None:
         stats.update(gate=str(decoder.gate), kv=kv)
@@ -177,3 +178,17 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
 
     return [Generation(i, t, text(t), dict(stats), pts)
             for i, t, pts in zip(ids, tokens, points)]
+
+
+def row_seeds(seed, B):
+    """One seed per row: an int s gives s, s+1, .., s+B-1; a list gives itself; None gives fresh entropy."""
+    if seed is None or isinstance(seed, (int, np.integer)):
+        seeds = [None if seed is None else int(seed) + b for b in range(B)]
+    else:
+        seeds = list(seed)
+        if len(seeds) != B:
+            raise ValueError(f"seed lists one seed per prompt: got {len(seeds)} seeds for {B} prompts")
+    bad = [s for s in seeds if s is not None and not (isinstance(s, (int, np.integer)) and s >= 0)]
+    if bad:
+        raise ValueError(f"seeds must be whole numbers >= 0, got {bad[0]!r}")
+    return seeds

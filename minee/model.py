@@ -41,46 +41,55 @@ class Model:
 
     # ------------------------------------------------------------ the forward pass
 
-    def forward(self, ids, kv_cache=None, hooks=None):
+    def forward(self, ids, kv_cache=None, hooks=None, rows=None):
         """Logits (B, T, V) float32 for token ids (T,) or (B, T).
 
-        kv_cache: a KVCache from new_kv_cache; positions continue from its length and the new
-        keys/values are appended. hooks: {hook name: fn(x, name)}; fn may return a replacement.
+        kv_cache: a KVCache from new_kv_cache; each row's positions continue from its own length
+        and the new keys/values are appended. rows: the cache rows the B sequences live in
+        (default all, in order), e.g. rows=[2] to prefill a prompt into row 2 alone.
+        hooks: {hook name: fn(x, name)}; fn may return a replacement.
         """
         ids = self.check_ids(ids)                                               # (B, T)
         B, T = ids.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        if kv_cache is not None:
-            kv_cache.check_room(B, T)
+        positions = self.positions(B, T, kv_cache, rows)                        # (B, T)
         hook = _hook_caller(hooks, self.hook_names)
         x = hook("hook_embed", self.embed_tokens[ids])                          # (B, T, D)
         for l in range(self.config.n_layers):
             x = hook(f"blocks.{l}.hook_resid_pre", x)
-            attn_out = hook(f"blocks.{l}.hook_attn_out", self.attn_sublayer(l, x, start, kv_cache))
+            attn_out = hook(f"blocks.{l}.hook_attn_out", self.attn_sublayer(l, x, positions, kv_cache, rows))
             x = hook(f"blocks.{l}.hook_resid_mid", x + attn_out)
             mlp_out = hook(f"blocks.{l}.hook_mlp_out", self.mlp_sublayer(l, x))
             x = hook(f"blocks.{l}.hook_resid_post", x + mlp_out)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T, rows)
         h = hook("hook_final_norm", rms_norm(x, self.final_norm, self.config.norm_eps))
         return linear(h, self.lm_head)                                          # (B, T, V)
 
-    def attn_sublayer(self, l, x, start, kv_cache=None):
-        """Block l's attention on the residual x (B, T, D) at positions start.. -> (B, T, D)."""
+    def attn_sublayer(self, l, x, positions, kv_cache=None, rows=None):
+        """Block l's attention on the residual x (B, T, D) of tokens at positions (B, T) -> (B, T, D).
+
+        With a kv_cache, the new keys/values go into the given cache rows (default all) and
+        each token attends to its row's earlier positions."""
         c, w = self.config, self.layers[l]
         B, T, _ = x.shape
         h = rms_norm(x, w["input_layernorm.weight"], c.norm_eps)                           # (B, T, D)
         q = self.split_heads(linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")))  # (B, H, T, hd)
-        k = self.split_heads(linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")))  # (B, KV, T, hd)
-        v = self.split_heads(linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")))  # (B, KV, T, hd)
-        cos, sin = self.rope(start, T)                                                     # (T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, *self.rope(positions[:, None]))                                  # (B, H, T, hd)
+        k, v = self.keys_values(l, h, positions)                                           # (B, KV, T, hd)
         if kv_cache is not None:
-            kv_cache.write(l, k, v, start)
-            k, v = kv_cache.view(l, start + T)                                             # (B, KV, S, hd)
-        out = attention(q, k, v, causal_mask(T, start + T))                                # (B, H, T, hd)
+            kv_cache.write(l, k, v, positions, rows)
+            k, v = kv_cache.view(l, int(positions.max()) + 1, rows)                        # (B, KV, S, hd)
+        out = attention(q, k, v, causal_mask(positions, k.shape[2]))                       # (B, H, T, hd)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)                                  # (B, T, H*hd)
         return linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))   # (B, T, D)
+
+    def keys_values(self, l, h, positions):
+        """Block l's keys (rotated to their positions (B, T)) and values (B, KV, T, hd) from the
+        normalized residual h (B, T, D)."""
+        w = self.layers[l]
+        k = self.split_heads(linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")))  # (B, KV, T, hd)
+        v = self.split_heads(linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")))  # (B, KV, T, hd)
+        return apply_rope(k, *self.rope(positions[:, None])), v
 
     def mlp_sublayer(self, l, x):
         """Block l's SwiGLU FFN on the residual x (B, T, D) -> (B, T, D)."""
@@ -100,13 +109,23 @@ class Model:
         B, T, _ = x.shape
         return x.reshape(B, T, -1, self.config.head_dim).transpose(0, 2, 1, 3)
 
-    def rope(self, start, T):
-        """cos, sin (T, hd) for positions start .. start+T-1, from a table grown by doubling."""
-        end = start + T
+    def rope(self, positions):
+        """cos, sin (..., hd) for integer positions of any shape, from tables grown by doubling."""
+        end = int(np.max(positions)) + 1
         if end > len(self._cos):
             size = max(end, 2 * len(self._cos), 256)
             self._cos, self._sin = rope_cos_sin(np.arange(size), self.inv_freq)
-        return self._cos[start:end], self._sin[start:end]
+        return self._cos[positions], self._sin[positions]
+
+    def positions(self, B, T, kv_cache=None, rows=None):
+        """Positions (B, T) of the tokens a forward pass computes: 0 .. T-1 without a cache, else
+        continuing each cache row (checked for room)."""
+        if kv_cache is None:
+            if rows is not None:
+                raise ValueError("rows= picks rows of a KV cache; pass kv_cache= too")
+            return np.broadcast_to(np.arange(T), (B, T))
+        kv_cache.check_room(B, T, rows)
+        return kv_cache.positions(T, rows)
 
     def new_kv_cache(self, batch_size=1, max_len=2048):
         """An empty KVCache for batch_size sequences of up to max_len positions."""

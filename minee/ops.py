@@ -72,19 +72,19 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate queries or keys x (B, heads, T, hd) by their positions' angles; cos/sin (T, hd)."""
+    """Rotate queries or keys x (B, heads, T, hd) by their positions' angles; cos/sin (B, 1, T, hd) or (T, hd)."""
     return x * cos + rotate_half(x) * sin
 
 
 # ---------------------------------------------------------------- attention
 
-def causal_mask(T, S):
-    """(T, S) bool: new position i (absolute S-T+i) may look at key j iff j <= S-T+i."""
-    return np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]
+def causal_mask(positions, S):
+    """(B, T, S) bool: the token at position positions[b, t] may look at key j iff j <= its position."""
+    return np.arange(S) <= positions[..., None]
 
 
 def attention(q, k, v, mask):
-    """Grouped-query attention. q (B, H, T, hd); k, v (B, KV, S, hd); mask (T, S) -> (B, H, T, hd).
+    """Grouped-query attention. q (B, H, T, hd); k, v (B, KV, S, hd); mask (B, T, S) -> (B, H, T, hd).
 
     The G = H/KV query heads that share a key/value head are stacked as extra rows, so one
     batched matmul per KV head serves them all (MHA: G=1, MQA: KV=1).
@@ -95,6 +95,6 @@ def attention(q, k, v, mask):
     q = q.reshape(B, KV, G * T, hd)                                   # rows: (g, t) pairs
     scores = (q @ k.transpose(0, 1, 3, 2)) * hd ** -0.5               # (B, KV, G*T, S)
     scores = scores.reshape(B, KV, G, T, -1)
-    scores = np.where(mask, scores, -np.inf)                          # hide the future
+    scores = np.where(mask[:, None, None], scores, -np.inf)           # hide later positions, unfilled cache slots
     probs = softmax(scores).reshape(B, KV, G * T, -1)
     return (probs @ v).reshape(B, H, T, hd)

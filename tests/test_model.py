@@ -278,6 +278,59 @@ def test_cached_decode_matches_transformers_generation(gqa):
     assert max(errs) <= TOL
 
 
+def test_rows_of_different_lengths_match_transformers_with_padding(gqa):
+    """Three prompts of lengths 5, 11, 8 prefilled into their own cache rows, then decoded together,
+    each row at its own position: the logits equal transformers on the left-padded batch with an
+    attention mask and explicit position ids (its way of running rows of different lengths)."""
+    model, ref, _ = gqa
+    lengths, n = [5, 11, 8], 6
+    rows = [random_ids(BASE["vocab_size"], (k + n,), seed=20 + k) for k in lengths]
+    kv = model.new_kv_cache(3, max(lengths) + n)
+    got = [np.stack([model.forward(r[:k], kv_cache=kv, rows=[b])[0, -1]
+                     for b, (r, k) in enumerate(zip(rows, lengths))])]
+    assert kv.lengths.tolist() == lengths
+    for t in range(n - 1):
+        step = np.array([r[k + t] for r, k in zip(rows, lengths)])[:, None]
+        got.append(model.forward(step, kv_cache=kv)[:, -1])
+    assert kv.lengths.tolist() == [k + n - 1 for k in lengths]
+
+    width = max(lengths) + n - 1
+    ids = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), np.int64)
+    for b, (r, k) in enumerate(zip(rows, lengths)):
+        ids[b, width - (k + n - 1):] = r[:k + n - 1]
+        mask[b, width - (k + n - 1):] = 1
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                   position_ids=torch.as_tensor(positions)).logits.float().numpy()
+    for t, logits in enumerate(got):                    # step t predicts after k + t tokens of row b
+        for b, k in enumerate(lengths):
+            col = width - (k + n - 1) + k + t - 1
+            assert rel_err(logits[b], want[b, col]) <= TOL
+
+
+def test_a_row_can_be_rolled_back_and_refilled(gqa):
+    """Setting a row's length back forgets its later positions: decoding again from there, or
+    prefilling another prompt into the row, equals a fresh cache; the other row is untouched."""
+    model, _, _ = gqa
+    a, b, c = (random_ids(BASE["vocab_size"], (12,), seed=s) for s in (30, 31, 32))
+    kv = model.new_kv_cache(2, 16)
+    model.forward(a[:9], kv_cache=kv, rows=[0])
+    model.forward(b[:4], kv_cache=kv, rows=[1])
+    model.forward(np.array([[a[9]], [b[4]]]), kv_cache=kv)
+    kv.lengths[0] = 6                                               # roll row 0 back to 6 positions
+    again = model.forward(a[6:9], kv_cache=kv, rows=[0])[0]
+    assert rel_err(again, model.forward(a[:9])[0, 6:]) <= CACHE_TOL
+    kv.lengths[0] = 0                                               # refill row 0 with another prompt
+    refilled = model.forward(c[:7], kv_cache=kv, rows=[0])[0]
+    assert rel_err(refilled, model.forward(c[:7])[0]) <= CACHE_TOL
+    row1 = model.forward(np.array([[c[7]], [b[5]]]), kv_cache=kv)[1, 0]
+    assert rel_err(row1, model.forward(b[:6])[0, -1]) <= CACHE_TOL
+    with pytest.raises(ValueError, match="different lengths"):
+        kv.length
+
+
 def test_cache_reset_starts_over(gqa):
     model, _, _ = gqa
     ids = random_ids(BASE["vocab_size"], (1, 10), seed=7)
