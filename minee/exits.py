@@ -55,7 +55,7 @@ class Gate:
             ok, wanted = _RANGES[self.kind]
             if not ok(self.value):
                 raise ValueError(f"gate {self.kind}:{self.value} needs {wanted} (e.g. {self.kind}:{_EXAMPLES[self.kind]})")
-        if self.kind in ("fixed", "oracle"):
+        if not self.decides:
             if (self.min_point, self.check_every, self.attn_points) != (None, 1, True):
                 raise ValueError(f"the {self.kind} gate takes no min_point, check_every or attn_points option")
         elif self.min_point is not None and not self.min_point >= 0:
@@ -66,6 +66,11 @@ class Gate:
     @property
     def needs_logits(self):
         return self.kind in LOGIT_GATES
+
+    @property
+    def decides(self):
+        """Whether the gate decides at candidate points (all but fixed and oracle): those take the options."""
+        return self.kind not in ("fixed", "oracle")
 
     def first_point(self, n_points):
         """min_point, or the default for a model with n_points exit points."""
@@ -382,7 +387,7 @@ class ExitDecoder:
         self.model, self.kv_mode = model, kv
         self.n_points = 2 * model.config.n_layers
         gate = parse_gate(gate)
-        if gate.min_point is None and gate.kind not in ("fixed", "oracle"):
+        if gate.min_point is None and gate.decides:
             gate = replace(gate, min_point=gate.first_point(self.n_points))    # the stats name the point used
         self.gate = gate
         self.candidates = set(gate.candidates(self.n_points))                  # errors for impossible settings
