@@ -6,8 +6,9 @@
     python weights_tool.py inspect PATH                 # model dir, .safetensors or .gguf
     python weights_tool.py random OUT_DIR --layers 2    # tiny random HF LLaMA (+ byte-level tokenizer)
 
-`--json` prints machine-readable output on stdout. Progress goes to stderr.
-Nothing here loads tensors it does not need: `inspect` reads only file headers.
+`--json` prints machine-readable output on stdout. Progress goes to stderr. An error, such as
+a damaged or hostile file, is one line on stderr with exit code 2, as in `python -m minee`.
+Nothing here loads tensors it does not need: `inspect` reads (and checks) only file headers.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so `python weights_tool.py` finds minee
 
+from minee.config import load_config, read_json  # noqa: E402
 from minee.convert import (  # noqa: E402
-    KNOWN_MODELS, f32_to_bf16, fetch, gguf_metadata, gguf_to_hf, open_gguf, write_safetensors,
+    KNOWN_MODELS, f32_to_bf16, fetch, gguf_metadata, gguf_to_hf, open_gguf, reading_gguf, write_safetensors,
 )
-from minee.weights import read_header  # noqa: E402
-
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1}
+from minee.weights import DTYPES, read_header, safetensors_files  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -62,39 +61,21 @@ def _safetensors_tensors(files: list[Path]) -> list[dict]:
     return rows
 
 
+def _read_config(model_dir: Path) -> dict:
+    """config.json as a dict, checked as minee.load checks it (a damaged file is an error, not a summary)."""
+    load_config(model_dir)
+    return read_json(model_dir / "config.json")
+
+
 def _magic(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(4)
 
 
-def inspect_path(path) -> dict:
-    """Summary + tensor table of a model dir, a .safetensors file or a .gguf (headers only)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: {path}")
-    config, kind = None, None
-    if path.is_dir():
-        kind = "hf-dir"
-        if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
-        index = path / "model.safetensors.index.json"
-        if index.is_file():  # sharded checkpoint
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = [path / f for f in sorted(set(weight_map.values()))]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index.name} lists shards that are missing: {missing}")
-        else:
-            files = sorted(path.glob("*.safetensors"))
-        if not files:
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return inspect_path(ggufs[0])
-            raise FileNotFoundError(f"{path} has no *.safetensors files")
-        tensors = _safetensors_tensors(files)
-    elif path.suffix == ".gguf" or _magic(path) == b"GGUF":
-        kind = "gguf"
-        reader = open_gguf(path)
+def _inspect_gguf(path: Path) -> dict:
+    """inspect_path for a .gguf: metadata summary and tensor table."""
+    reader = open_gguf(path)
+    with reading_gguf(path):  # a damaged GGUF is one error naming it
         meta = gguf_metadata(reader)
         arch = meta.get("general.architecture")
         k = lambda n: meta.get(f"{arch}.{n}")  # noqa: E731
@@ -120,16 +101,34 @@ def inspect_path(path) -> dict:
         tensors = [{"name": t.name, "dtype": t.tensor_type.name,
                     "shape": [int(s) for s in reversed(t.shape)]} for t in reader.tensors]
         n_params = sum(math.prod(t["shape"]) for t in tensors)
-        return {"path": str(path), "kind": kind, "summary": summary, "tensors": tensors,
+        return {"path": str(path), "kind": "gguf", "summary": summary, "tensors": tensors,
                 "n_params": n_params, "n_tensors": len(tensors)}
+
+
+def inspect_path(path) -> dict:
+    """Summary + tensor table of a model dir, a .safetensors file or a .gguf (headers only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    config, kind = None, None
+    if path.is_dir():
+        kind = "hf-dir"
+        if (path / "config.json").is_file():
+            config = _read_config(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if not any(path.glob("*.safetensors")) and len(ggufs) == 1:
+            return inspect_path(ggufs[0])
+        tensors = _safetensors_tensors(safetensors_files(path))
+    elif path.suffix == ".gguf" or _magic(path) == b"GGUF":
+        return _inspect_gguf(path)
     else:
         kind = "safetensors"
         if (path.parent / "config.json").is_file():
-            config = json.loads((path.parent / "config.json").read_text())
+            config = _read_config(path.parent)
         tensors = _safetensors_tensors([path])
     summary = _summary_from_hf_config(config) if config else None
     n_params = sum(math.prod(t["shape"]) for t in tensors)
-    n_bytes = sum(math.prod(t["shape"]) * ST_ITEMSIZE.get(t["dtype"], 0) for t in tensors)
+    n_bytes = sum(math.prod(t["shape"]) * np.dtype(DTYPES[t["dtype"]]).itemsize for t in tensors)
     return {"path": str(path), "kind": kind, "summary": summary, "tensors": tensors,
             "n_params": n_params, "n_tensors": len(tensors), "n_bytes": n_bytes}
 
@@ -317,9 +316,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `inspect ... | head`
         sys.stdout = open(os.devnull, "w")
         return 0
-    except (FileNotFoundError, ValueError, NotImplementedError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, NotImplementedError, RuntimeError, OSError) as e:  # one line, as minee's CLI
+        print(f"weights_tool.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
     return 0
 
 

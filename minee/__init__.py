@@ -5,11 +5,11 @@ from .config import ConfigError, ModelConfig, load_config
 from .generate import Generation, generate, generate_batch
 from .model import Model, hook_names
 from .threads import get_threads, set_threads
-from .tokenizer import load_tokenizer
+from .tokenizer import TokenizerError, load_tokenizer
 from .weights import WeightsError, load_weights
 
 __all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "generate_batch", "hook_names",
-           "ConfigError", "WeightsError", "set_threads", "get_threads"]
+           "ConfigError", "WeightsError", "TokenizerError", "set_threads", "get_threads"]
 
 
 def resolve(src, progress=True) -> Path:

@@ -265,7 +265,7 @@ def main(argv=None):
         args.threads = minee.get_threads()
         args.run(args)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        print(f"minee: error: {e}", file=sys.stderr)
+        print(f"minee: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     return 0
 

@@ -5,6 +5,7 @@ and every token n, what a gate could look at (top-1, confidence, margin, entropy
 previous state) and the lens's KL to the final distribution. Everything else is cheap array
 arithmetic on those (P, N) tables, so each experiment is a short function.
 """
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,7 +325,7 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
     gen_prompts, gen_tokens = e5_size(len(ids), gen_prompts, gen_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tf, ppl = load_table(out / "teacher_forced.npz", ids, window) if reuse else (None, None)
+    tf, ppl = load_table(out / "teacher_forced.npz", ids, window, 2 * model.config.n_layers) if reuse else (None, None)
     if tf is None:
         tf, ppl = teacher_forced(model, ids, window=window, progress=progress)
         save_table(out / "teacher_forced.npz", tf, ppl, ids, window)
@@ -384,14 +385,19 @@ def save_table(path, tf, perplexity, ids, window):
                         **{k: getattr(tf, k) for k in TeacherForced.__dataclass_fields__})
 
 
-def load_table(path, ids, window):
-    """(table, perplexity) saved by save_table for these ids and window, else (None, None)."""
-    if not Path(path).is_file():
+def load_table(path, ids, window, n_points):
+    """(table, perplexity) saved by save_table for these ids, window and n_points exit points, else
+    (None, None): a missing, damaged or foreign file is recomputed (np.load never unpickles)."""
+    N = len(ids) - 1                                                   # predictions in the table
+    shapes = {k: (n_points, N) for k in TeacherForced.__dataclass_fields__} | {"targets": (N,), "inputs": (N,)}
+    try:
+        with np.load(path) as z:
+            if (int(z["window"]) != window or not np.array_equal(z["ids"], ids)
+                    or any(z[k].shape != shape for k, shape in shapes.items())):
+                return None, None
+            return TeacherForced(**{k: z[k] for k in shapes}), float(z["perplexity"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None, None
-    z = np.load(path)
-    if int(z["window"]) != window or not np.array_equal(z["ids"], ids):
-        return None, None
-    return TeacherForced(**{k: z[k] for k in TeacherForced.__dataclass_fields__}), float(z["perplexity"])
 
 
 def head_cost_in_layers(config):

@@ -33,9 +33,12 @@ import sys
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .weights import DTYPES, WeightsError, check_values
 
 MARKER = ".complete"  # written last: a model dir without it is an interrupted fetch
 
@@ -185,22 +188,16 @@ def _install(final: Path, build, marker: dict) -> Path:
 
 # ----------------------------------------------------------------------------- safetensors I/O
 
-# safetensors dtype code -> NumPy dtype used to hold the raw bytes (bf16 travels as uint16 bits)
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-             "BOOL": np.bool_}
-
-
 def write_safetensors(path, specs, arrays, metadata: dict | None = None) -> Path:
     """Stream tensors into a .safetensors file without holding them all in memory.
 
-    specs:  list of (name, dtype_code, shape), dtype_code in ST_DTYPES ("F32", "F16", "BF16", ...)
+    specs:  list of (name, dtype_code, shape), dtype_code in weights.DTYPES ("F32", "F16", "BF16", ...)
     arrays: iterable yielding one NumPy array per spec, in order (BF16 as uint16 bit patterns)
     """
     path = Path(path)
     header, offset = {}, 0
     for name, code, shape in specs:
-        nbytes = math.prod(shape) * np.dtype(ST_DTYPES[code]).itemsize
+        nbytes = math.prod(shape) * np.dtype(DTYPES[code]).itemsize
         header[name] = {"dtype": code, "shape": [int(s) for s in shape],
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -209,20 +206,23 @@ def write_safetensors(path, specs, arrays, metadata: dict | None = None) -> Path
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        n_written = 0
-        for (name, code, shape), arr in zip(specs, arrays):
-            want = np.dtype(ST_DTYPES[code]).newbyteorder("<")
-            arr = np.ascontiguousarray(arr)
-            if arr.shape != tuple(shape) or arr.dtype != want:
-                raise ValueError(f"{name}: got {arr.dtype}{arr.shape}, spec says {code}{tuple(shape)}")
-            f.write(memoryview(arr).cast("B"))
-            n_written += 1
-    if n_written != len(specs):
-        tmp.unlink()
-        raise ValueError(f"write_safetensors: {len(specs)} specs but {n_written} arrays")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            n_written = 0
+            for (name, code, shape), arr in zip(specs, arrays):
+                want = np.dtype(DTYPES[code]).newbyteorder("<")
+                arr = np.ascontiguousarray(arr)
+                if arr.shape != tuple(shape) or arr.dtype != want:
+                    raise ValueError(f"{name}: got {arr.dtype}{arr.shape}, spec says {code}{tuple(shape)}")
+                f.write(memoryview(arr).cast("B"))
+                n_written += 1
+        if n_written != len(specs):
+            raise ValueError(f"write_safetensors: {len(specs)} specs but {n_written} arrays")
+    except BaseException:
+        tmp.unlink(missing_ok=True)                 # never leave a half-written file behind
+        raise
     os.replace(tmp, path)
     return path
 
@@ -237,8 +237,29 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- GGUF reading
 
 
+class GGUFError(ValueError):
+    """A GGUF file that is damaged, hostile, or a model minee cannot convert."""
+
+
+@contextmanager
+def reading_gguf(path):
+    """Turn every failure while interpreting a GGUF's contents into one GGUFError naming the file.
+
+    The gguf package's reader trusts its input: on damaged bytes it fails with whatever the bytes
+    lead to (IndexError, UnicodeDecodeError, a reshape ValueError, ...). Disk errors stay OSErrors.
+    """
+    try:
+        yield
+    except OSError:
+        raise
+    except (GGUFError, WeightsError, NotImplementedError) as e:       # what our own checks found
+        raise GGUFError(f"{path}: {e}") from None
+    except Exception as e:
+        raise GGUFError(f"{path} is damaged or not a GGUF model ({type(e).__name__}: {e})") from None
+
+
 def open_gguf(path):
-    """A gguf.GGUFReader, with clear errors for a missing file or a file that is not GGUF."""
+    """A gguf.GGUFReader, with clear errors for a missing, damaged or non-GGUF file."""
     import gguf
 
     path = Path(path)
@@ -246,8 +267,9 @@ def open_gguf(path):
         raise FileNotFoundError(f"no such file: {path}")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic)")
-    return gguf.GGUFReader(str(path))
+            raise GGUFError(f"{path} is not a GGUF file (bad magic)")
+    with reading_gguf(path):
+        return gguf.GGUFReader(str(path))
 
 
 def gguf_metadata(reader, skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
@@ -294,8 +316,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES and parts[3] == "weight":
         return f"model.layers.{int(parts[1])}.{_BLOCK_NAMES[parts[2]]}.weight"
-    raise ValueError(f"unsupported tensor {gguf_name!r} in a llama GGUF (biases, MoE experts "
-                     "and other extras are not supported by minee's LLaMA)")
+    raise GGUFError(f"unsupported tensor {gguf_name!r} in a llama GGUF (biases, MoE experts "
+                    "and other extras are not supported by minee's LLaMA)")
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -345,7 +367,7 @@ def _hf_config(reader, tensors: dict) -> dict:
     if rot != head_dim:
         raise NotImplementedError(f"partial rotary (rope.dimension_count={rot}, head_dim={head_dim})")
     if "token_embd.weight" not in tensors:
-        raise ValueError("GGUF has no token_embd.weight")
+        raise GGUFError("GGUF has no token_embd.weight")
     vocab_size = int(tensors["token_embd.weight"].shape[-1])  # gguf shape is (d_model, vocab)
     theta = float(k("rope.freq_base", 10000.0))
     ctx = int(k("context_length", 2048))
@@ -365,6 +387,8 @@ def _hf_config(reader, tensors: dict) -> dict:
 
         t = tensors["rope_freqs.weight"]
         rf = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+        if 2 * rf.size != head_dim:
+            raise GGUFError(f"rope_freqs.weight has {rf.size} values; head_dim {head_dim} needs {head_dim // 2}")
         rope_scaling = _llama3_rope_scaling(rf, theta, head_dim, ctx)
 
     def token_id(name):
@@ -445,7 +469,7 @@ def build_tokenizer(reader, progress: bool = True):
     kind = _field(reader, "tokenizer.ggml.model")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
-        raise ValueError("GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
+        raise GGUFError("GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     ids = {n: _field(reader, f"tokenizer.ggml.{n}_token_id")
            for n in ("bos", "eos", "unknown", "padding")}
@@ -529,47 +553,50 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
     """Convert a llama-architecture GGUF into an HF-layout directory; returns out_dir.
 
     Writes config.json, model.safetensors (float32, HF names and (out, in) shapes, Q/K rows
-    un-permuted to rotate-half), tokenizer.json and tokenizer_config.json.
+    un-permuted to rotate-half), tokenizer.json and tokenizer_config.json, which keeps the GGUF's
+    chat template (minee renders templates only in a sandbox). A damaged or hostile file is one
+    GGUFError naming it.
     """
     import gguf
 
     t0 = time.time()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = open_gguf(gguf_path)
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path.name}: general.architecture is {arch!r}; "
-                         "only 'llama' GGUF files can be converted")
-    tensors = {t.name: t for t in reader.tensors}
-    config = _hf_config(reader, tensors)
-    n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    with reading_gguf(gguf_path):
+        arch = _field(reader, "general.architecture")
+        if arch != "llama":
+            raise GGUFError(f"general.architecture is {arch!r}; only 'llama' GGUF files can be converted")
+        tensors = {t.name: t for t in reader.tensors}
+        config = _hf_config(reader, tensors)
+        n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
 
-    # Plan every tensor (name, shape) first so the safetensors header can be written up front.
-    plan = []  # (hf_name, gguf tensor, hf shape)
-    for t in reader.tensors:
-        hf = hf_tensor_name(t.name)
-        if hf is not None:
-            plan.append((hf, t, tuple(int(s) for s in reversed(t.shape))))  # gguf shape is (in, out)
-    plan.sort(key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p[0])])
+        # Plan every tensor (name, shape) first so the safetensors header can be written up front.
+        plan = []  # (hf_name, gguf tensor, hf shape)
+        for t in reader.tensors:
+            hf = hf_tensor_name(t.name)
+            if hf is not None:
+                plan.append((hf, t, tuple(int(s) for s in reversed(t.shape))))  # gguf shape is (in, out)
+        plan.sort(key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p[0])])
 
-    def arrays():
-        for i, (hf, t, shape) in enumerate(plan):
-            w = gguf.quants.dequantize(t.data, t.tensor_type)          # float32, numpy (out, in)
-            w = np.asarray(w, dtype=np.float32).reshape(shape)
-            if ".self_attn.q_proj." in hf:
-                w = unpermute_qk(w, n_heads)
-            elif ".self_attn.k_proj." in hf:
-                w = unpermute_qk(w, n_kv)
-            yield w
-            if progress and (i + 1) % 50 == 0:
-                _say(f"  {i + 1}/{len(plan)} tensors", progress)
+        def arrays():
+            for i, (hf, t, shape) in enumerate(plan):
+                w = gguf.quants.dequantize(t.data, t.tensor_type)          # float32, numpy (out, in)
+                w = np.asarray(w, dtype=np.float32).reshape(shape)
+                check_values(w, f"tensor {t.name}")
+                if ".self_attn.q_proj." in hf:
+                    w = unpermute_qk(w, n_heads)
+                elif ".self_attn.k_proj." in hf:
+                    w = unpermute_qk(w, n_kv)
+                yield w
+                if progress and (i + 1) % 50 == 0:
+                    _say(f"  {i + 1}/{len(plan)} tensors", progress)
 
-    tok, tok_config = build_tokenizer(reader, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _say(f"converting {gguf_path.name}: {len(plan)} tensors "
-         f"({', '.join(sorted({t.tensor_type.name for _, t, _ in plan}))}) -> float32", progress)
-    write_safetensors(out_dir / "model.safetensors", [(hf, "F32", s) for hf, _, s in plan],
-                      arrays(), metadata={"format": "pt", "source": gguf_path.name})
+        tok, tok_config = build_tokenizer(reader, progress)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _say(f"converting {gguf_path.name}: {len(plan)} tensors "
+             f"({', '.join(sorted({t.tensor_type.name for _, t, _ in plan}))}) -> float32", progress)
+        write_safetensors(out_dir / "model.safetensors", [(hf, "F32", s) for hf, _, s in plan],
+                          arrays(), metadata={"format": "pt", "source": gguf_path.name})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")

@@ -2,17 +2,34 @@
 
 Special tokens such as BOS are added exactly as the tokenizer.json's post-processor says,
 which is how the model was trained to see its input.
+
+A chat template is a Jinja program shipped inside the checkpoint, so it is untrusted code: it
+runs in Jinja's immutable sandbox, as transformers runs it, where reaching for Python internals
+is refused. Whatever goes wrong in a template becomes one TokenizerError naming its file.
 """
 import json
+from datetime import datetime
 from pathlib import Path
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
+
+from .config import read_json, read_text
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")   # what templates may use
+
+
+class TokenizerError(ValueError):
+    """tokenizer.json, tokenizer_config.json or the chat template in it cannot be used."""
 
 
 class Tokenizer:
-    def __init__(self, path, chat_template=None):
-        self.hf = _HFTokenizer.from_file(str(path))
-        self.chat_template = chat_template
+    def __init__(self, hf, chat_template=None, special_tokens=None, template_file=None):
+        self.hf = hf                                   # the tokenizers.Tokenizer
+        self.chat_template = chat_template             # Jinja source, or None
+        self.special_tokens = special_tokens or {}     # e.g. {"bos_token": "<|im_start|>"}
+        self.template_file = template_file             # where the template came from, for errors
         self.vocab_size = self.hf.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens=True) -> list:
@@ -25,17 +42,77 @@ class Tokenizer:
         """Each id's text on its own (what a lens plot labels a cell with)."""
         return [self.hf.decode([int(i)]) for i in ids]
 
-    def apply_chat_template(self, messages) -> str:
+    def apply_chat_template(self, messages, add_generation_prompt=True) -> str:
         """The prompt text for [{"role": ..., "content": ...}], from the model's Jinja chat template."""
         if not self.chat_template:
-            raise ValueError("this model has no chat template (chat_template in tokenizer_config.json); "
-                             "pass a plain prompt without --chat")
-        import jinja2
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True)
+            raise TokenizerError("this model has no chat template (chat_template in tokenizer_config.json); "
+                                 "pass a plain prompt without --chat")
+        return render_chat_template(self.chat_template, self.template_file, messages=messages,
+                                    add_generation_prompt=add_generation_prompt, **self.special_tokens)
 
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def render_chat_template(template, source, **variables) -> str:
+    """Render an untrusted chat template the way transformers' apply_chat_template does.
+
+    Jinja's ImmutableSandboxedEnvironment refuses attribute access to Python internals
+    (`cycler.__init__.__globals__` ...) and changes to lists and dicts; loopcontrols gives
+    {% break %}; raise_exception, strftime_now and a tojson that keeps non-ASCII text are
+    the helpers templates written for transformers call. Any failure is a TokenizerError.
+    """
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(message):                  # how a template refuses a conversation
+        raise TokenizerError(f"the chat template in {source} refused the conversation: {message}")
+
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.filters["tojson"] = _tojson
+    try:
+        return env.from_string(template).render(**variables)
+    except TokenizerError:
+        raise
+    except jinja2.exceptions.SecurityError as e:
+        raise TokenizerError(f"the chat template in {source} was stopped by the sandbox, where templates "
+                             f"may only read the conversation: {e}") from None
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise TokenizerError(f"the chat template in {source} is not valid Jinja: {e.message} "
+                             f"(template line {e.lineno})") from None
+    except Exception as e:                 # the template is untrusted code: any error in it is its own
+        raise TokenizerError(f"the chat template in {source} failed: {type(e).__name__}: {e}") from None
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """JSON as transformers' templates expect it: non-ASCII kept, no HTML escaping (Jinja's own escapes)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _token_text(value, key, source):
+    """A special token from tokenizer_config.json: a string, or {"content": ...} (transformers' AddedToken)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{key} in {source} must be a string or an object with a \"content\" "
+                             f"string, got {value!r:.60}")
+    return value
+
+
+def _chat_template(cfg, model_dir, cfg_path):
+    """(template source, the file it came from) or (None, None)."""
+    template = cfg.get("chat_template")
+    if isinstance(template, list):                 # named templates: [{"name": "default", "template": ...}]
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"chat_template in {cfg_path} must be a string, got {type(template).__name__}")
+    if template is not None:
+        return template, cfg_path
+    jinja = model_dir / "chat_template.jinja"            # newer HF checkpoints keep it here
+    if jinja.is_file():
+        return read_text(jinja, TokenizerError), jinja
+    return None, None
 
 
 def load_tokenizer(model_dir):
@@ -44,10 +121,12 @@ def load_tokenizer(model_dir):
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         return None
+    try:
+        hf = _HFTokenizer.from_file(str(path))
+    except Exception as e:                 # the tokenizers library raises a bare Exception for a bad file
+        raise TokenizerError(f"{path} cannot be read by the tokenizers library: {e}") from None
     cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    template = cfg.get("chat_template")
-    jinja = model_dir / "chat_template.jinja"            # newer HF checkpoints keep it here
-    if template is None and jinja.is_file():
-        template = jinja.read_text()
-    return Tokenizer(path, template)
+    cfg = read_json(cfg_path, TokenizerError) if cfg_path.is_file() else {}
+    special = {key: _token_text(cfg.get(key), key, cfg_path) for key in SPECIAL_TOKENS}
+    template, source = _chat_template(cfg, model_dir, cfg_path)
+    return Tokenizer(hf, template, {k: v for k, v in special.items() if v is not None}, source)

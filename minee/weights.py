@@ -1,43 +1,114 @@
-"""Read Hugging Face safetensors checkpoints into float32 NumPy arrays.
+"""Read Hugging Face safetensors checkpoints into float32 NumPy arrays, trusting nothing in them.
 
-A .safetensors file is: 8 bytes (little-endian u64) header length, a JSON header
-{name: {dtype, shape, data_offsets}}, then the raw tensor bytes. We read it ourselves
-because NumPy has no bfloat16: bf16 is the top half of a float32, so widening the raw
-uint16 by a 16-bit shift is exact. Tensors are read and converted one at a time, so
-peak memory stays close to the float32 model size.
+A .safetensors file is: 8 bytes (little-endian u64) header length N, a JSON header of N bytes
+{name: {"dtype", "shape", "data_offsets": [begin, end]}} with offsets into the data that follows,
+then the raw tensor bytes. Checkpoints come from anywhere, so before a single tensor is allocated
+every header entry is checked against the file, then names, dtypes and shapes against config.json,
+then the model's size against the free memory. Each problem is a WeightsError naming the file
+and the tensor, never a huge allocation, a NumPy error or weights read from the wrong bytes.
+
+NumPy has no bfloat16: bf16 is the top half of a float32, so widening the raw uint16 by a
+16-bit shift is exact. Tensors are read and converted one at a time, so peak memory stays
+close to the float32 model size.
 """
 import json
+import math
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+from .config import read_json
+
+# safetensors dtype code -> NumPy dtype that holds its raw bytes (bf16 and fp8 travel as unsigned
+# bits). The one copy of this table: the converter writes with it and `inspect` sizes tensors by it.
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+          "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+          "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+          "BOOL": np.bool_}
+FLOAT_DTYPES = ("F32", "F16", "BF16")      # the ones minee widens to float32
+MAX_HEADER_BYTES = 100_000_000             # the format's own limit on the JSON header
+# No trained LLaMA weight comes near float16's largest value (checkpoints routinely ship in F16),
+# so anything beyond it, like NaN or Inf, is damage that would turn the logits into NaN.
+MAX_ABS_WEIGHT = float(np.finfo(np.float16).max)      # 65504
 
 
 class WeightsError(ValueError):
-    """The checkpoint's tensors do not match what the config describes."""
+    """The checkpoint's weights cannot be used: a damaged or hostile file, tensors that do not
+    match config.json, or a model too big for this machine's memory."""
 
 
 def read_header(path) -> dict:
-    """{name: {"dtype", "shape", "data_offsets"}} of one .safetensors file (no tensor data read)."""
-    size = Path(path).stat().st_size
+    """{name: {"dtype", "shape", "data_offsets"}} of one .safetensors file, every entry checked
+    against the file (no tensor data is read)."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise WeightsError(f"{path} is not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 << 20):          # e.g. a git-lfs pointer instead of the weights
+        if n > min(size - 8, MAX_HEADER_BYTES):          # e.g. a git-lfs pointer instead of the weights
             raise WeightsError(f"{path} is not a safetensors file (header length {n} is impossible; "
                                "a git-lfs pointer? run `git lfs pull` or download the file again)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path} is not a safetensors file (bad JSON header: {e})") from None
+        text = f.read(n)
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:            # bad JSON or text, a name twice, absurd nesting
+        raise WeightsError(f"{path} is not a safetensors file (bad JSON header: {e})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path} is not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
+    _check_layout(path, header, data_size=size - 8 - n)
     return header
+
+
+def _unique_keys(pairs):
+    """json.loads hook: the object as a dict, refusing a key (a tensor name) that appears twice."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _check_layout(path, header, data_size):
+    """Every entry well formed and inside the data; no two tensors share bytes."""
+    spans = sorted((_check_entry(path, name, info, data_size), name) for name, info in header.items())
+    for ((_, end), name), ((begin, _), other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise WeightsError(f"tensors {name} and {other} in {path} overlap (data_offsets); "
+                               "the file is damaged")
+
+
+def _check_entry(path, name, info, data_size):
+    """(begin, end) of one header entry, or a WeightsError saying what is wrong with it."""
+    def bad(problem):
+        return WeightsError(f"tensor {name} in {path}: {problem}; the file is truncated or damaged: "
+                            "download it again")
+
+    if not isinstance(info, dict):
+        raise bad(f"its header entry is {info!r:.40}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"unknown dtype {dtype!r:.40} (the safetensors dtypes minee knows: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise bad(f"shape {shape!r:.60} is not a list of whole numbers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise bad(f"data_offsets {offsets!r:.60} are not two whole numbers >= 0")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise bad(f"data_offsets [{begin}, {end}] do not lie within its {data_size} bytes of data")
+    nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+    if end - begin != nbytes:
+        raise bad(f"shape {shape} of {dtype} takes {nbytes} bytes but data_offsets span {end - begin}")
+    return begin, end
+
+
+def _is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def safetensors_files(model_dir) -> list:
@@ -45,16 +116,35 @@ def safetensors_files(model_dir) -> list:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, WeightsError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise WeightsError(f"{index} has no weight_map of tensor name -> shard file name")
+        shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
+        if outside:
+            raise WeightsError(f"{index} names {outside[0]!r} as a shard; shards must be .safetensors "
+                               f"files in {model_dir}")
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that are not there: {', '.join(missing)}")
+            raise FileNotFoundError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
         return [model_dir / s for s in shards]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}; minee reads safetensors "
                                 "checkpoints (convert a GGUF with `python weights_tool.py convert`)")
     return files
+
+
+def read_headers(files) -> dict:
+    """name -> (file, header entry) over all shards; a name in two shards is an error."""
+    where = {}
+    for path in files:
+        for name, info in read_header(path).items():
+            if name in where:
+                raise WeightsError(f"tensor {name} is in both {where[name][0]} and {path}; "
+                                   "a checkpoint holds each tensor once")
+            where[name] = (path, info)
+    return where
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -66,26 +156,28 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def iter_tensors(path):
-    """Yield (name, float32 array) for every tensor in one .safetensors file.
+def read_tensor(f, path, name, info) -> np.ndarray:
+    """The tensor of one checked header entry of the open file f, as float32 with every value in range.
 
-    Each tensor is read straight into its own new array (F32) or into a raw buffer that is
-    widened (F16/BF16), so loading holds the float32 model plus at most one raw tensor.
+    F32 is read straight into its own new array, F16/BF16 into a raw buffer that is widened, so
+    loading holds the float32 model plus at most one raw tensor.
     """
-    header = read_header(path)
-    with open(path, "rb") as f:
-        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-        for name, info in header.items():
-            if info["dtype"] not in _DTYPES:
-                raise WeightsError(f"tensor {name} in {path} has dtype {info['dtype']}; minee reads "
-                                   f"{', '.join(_DTYPES)}")
-            raw = np.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            f.seek(data_start + begin)
-            if end - begin != raw.nbytes or f.readinto(memoryview(raw.reshape(-1)).cast("B")) != raw.nbytes:
-                raise WeightsError(f"tensor {name} in {path} is truncated or its header is inconsistent; "
-                                   "download the file again")
-            yield name, raw if info["dtype"] == "F32" else to_float32(raw, info["dtype"])
+    f.seek(0)
+    data_start = 8 + struct.unpack("<Q", f.read(8))[0]                  # after the header
+    raw = np.empty(info["shape"], dtype=np.dtype(DTYPES[info["dtype"]]).newbyteorder("<"))
+    f.seek(data_start + info["data_offsets"][0])
+    if f.readinto(memoryview(raw.reshape(-1)).cast("B")) != raw.nbytes:
+        raise WeightsError(f"tensor {name} in {path} is truncated; download the file again")
+    array = raw if info["dtype"] == "F32" else to_float32(raw, info["dtype"])
+    check_values(array, f"tensor {name} in {path}")
+    return array
+
+
+def check_values(array, what):
+    """Refuse NaN, Inf and magnitudes no trained model has (MAX_ABS_WEIGHT): they mean damage."""
+    if array.size and not (-MAX_ABS_WEIGHT <= array.min() and array.max() <= MAX_ABS_WEIGHT):
+        raise WeightsError(f"{what} holds NaN, Inf or values beyond +-{MAX_ABS_WEIGHT:g}, which no "
+                           "trained model has; the file is damaged: download it again")
 
 
 def expected_shapes(config) -> dict:
@@ -123,20 +215,53 @@ def _ignorable(name, config):
         name == "lm_head.weight" and config.tie_word_embeddings)
 
 
+def _mismatches(where, want, config) -> list:
+    """Every way the headers differ from what the config implies, as one line each."""
+    problems = []
+    for name, (_, info) in where.items():
+        if name in want:
+            if tuple(info["shape"]) != want[name]:
+                problems.append(f"{name}: shape {tuple(info['shape'])}, config implies {want[name]}")
+            elif info["dtype"] not in FLOAT_DTYPES:
+                problems.append(f"{name}: dtype {info['dtype']}; minee reads {', '.join(FLOAT_DTYPES)}")
+        elif not _ignorable(name, config):
+            problems.append(f"unexpected tensor {name} {tuple(info['shape'])}")
+    return problems + [f"missing tensor {n} {want[n]}" for n in want if n not in where]
+
+
+def available_memory():
+    """Bytes this machine can still give us (Linux: MemAvailable), or None if the OS does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):           # other Unixes: free, else total RAM
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            continue
+    return None
+
+
 def load_weights(model_dir, config) -> dict:
-    """Checkpoint name -> float32 array, checked against the config (one error lists every problem)."""
+    """Checkpoint name -> float32 array, checked against the config before any tensor is read."""
     want = expected_shapes(config)
-    params, problems = {}, []
-    for path in safetensors_files(model_dir):
-        for name, array in iter_tensors(path):
-            if name in want:
-                if tuple(array.shape) != want[name]:
-                    problems.append(f"{name}: shape {tuple(array.shape)}, config implies {want[name]}")
-                params[name] = array
-            elif not _ignorable(name, config):
-                problems.append(f"unexpected tensor {name} {tuple(array.shape)}")
-    problems += [f"missing tensor {n} {want[n]}" for n in want if n not in params]
+    where = read_headers(safetensors_files(model_dir))
+    problems = _mismatches(where, want, config)
     if problems:
-        raise WeightsError(f"checkpoint in {model_dir} does not match its config.json:\n  "
-                           + "\n  ".join(problems))
+        shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise WeightsError(f"checkpoint in {model_dir} does not match its config.json: {shown}")
+    need, free = 4 * sum(math.prod(s) for s in want.values()), available_memory()
+    if free is not None and need > free:
+        raise WeightsError(f"the model in {model_dir} needs {need / 2**30:.1f} GiB of memory for its "
+                           f"float32 weights, but only {free / 2**30:.1f} GiB is available")
+    params = {}
+    for path in dict.fromkeys(where[name][0] for name in want):             # each file once, in order
+        with open(path, "rb") as f:
+            for name in want:
+                if where[name][0] == path:
+                    params[name] = read_tensor(f, path, name, where[name][1])
     return params

@@ -16,7 +16,8 @@ import pytest
 import weights_tool
 from minee import convert
 from minee.convert import KNOWN_MODELS, f32_to_bf16, fetch, gguf_to_hf, write_safetensors
-from minee.weights import iter_tensors, read_header, to_float32
+from minee.config import load_config
+from minee.weights import load_weights, read_header, to_float32
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "t", "▁h", "he", "ll",
 
 
 def write_tiny_llama_gguf(path, L=2, D=64, H=4, KV=2, F=96, untied=True, rope_freqs=None,
-                          theta=10000.0, seed=0):
+                          theta=10000.0, seed=0, chat_template=None):
     """A small llama GGUF written the way llama.cpp writes one: Q/K rows permuted, mixed
     quantizations, SentencePiece ("llama") tokenizer. Returns the HF-layout float32 weights."""
     import gguf
@@ -70,6 +71,8 @@ def write_tiny_llama_gguf(path, L=2, D=64, H=4, KV=2, F=96, untied=True, rope_fr
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     hf = {}
 
     def tensor(name, hf_name, shape, qtype=Q.F32, permute_heads=None):
@@ -529,7 +532,7 @@ def test_random_model_loads_in_transformers(dtype, code, tmp_path):
     model, info = LlamaForCausalLM.from_pretrained(str(out), dtype=tdtype, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     sd = model.state_dict()
-    raw = dict(iter_tensors(out / "model.safetensors"))
+    raw = load_weights(out, load_config(out))
     for name, arr in raw.items():
         np.testing.assert_array_equal(sd[name].float().numpy(), arr, err_msg=name)
     norm = raw["model.layers.0.input_layernorm.weight"]
@@ -556,7 +559,7 @@ def test_random_defaults_and_cli_subprocess(tmp_path):
     assert "lm_head.weight" not in {t["name"] for t in info["tensors"]}
     r = subprocess.run([sys.executable, str(ROOT / "weights_tool.py"), "inspect", str(tmp_path / "nope")],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and "no such file or directory" in r.stderr
+    assert r.returncode == 2 and "no such file or directory" in r.stderr
 
 
 def test_inspect_sharded_dir(tmp_path, capsys):
@@ -596,4 +599,4 @@ def test_inspect_smollm2_dir_and_gguf_agree(smollm2_dir, smollm2_gguf):
         assert d["summary"][key] == g["summary"][key], key
     assert g["summary"]["dtype"] == ["F32", "Q4_1", "Q8_0"]
     assert d["n_bytes"] == 4 * d["n_params"]
-    assert weights_tool.main(["fetch", "nope"]) == 1
+    assert weights_tool.main(["fetch", "nope"]) == 2

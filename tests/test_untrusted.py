@@ -1,0 +1,521 @@
+"""Every file minee reads is untrusted: hostile chat templates, safetensors headers, config.json
+fields and weight values each end in one clear error naming the file, never code execution,
+a huge allocation, a raw NumPy/Python error or a NaN model. Each numbered finding of issue 8
+has its tests here; test_fuzz.py throws random damage at the same code.
+"""
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minee
+import weights_tool
+from minee.__main__ import main
+from minee.convert import GGUFError, gguf_to_hf
+from minee.tokenizer import TokenizerError, load_tokenizer
+from test_convert import write_tiny_llama_gguf
+from test_fuzz import join_safetensors, split_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(layers=2, d_model=16, heads=2, kv_heads=1, ffn=32, vocab=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A valid tiny F32 checkpoint with a 64-word tokenizer (and no chat template)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = weights_tool.make_random_model(tmp_path_factory.mktemp("tiny") / "m", untied=True, **SMALL)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def copy_of(src, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def with_template(model_dir, template, **special):
+    """model_dir with a tokenizer_config.json holding this chat template and special tokens."""
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, **special}))
+    return model_dir
+
+
+# ----------------------------------------------------------------------------- 1. chat templates
+
+ESCAPES = [
+    "{{ cycler.__init__.__globals__.os.system('touch MARK') }}",                    # the issue's example
+    "{{ joiner.__init__.__globals__.os.popen('touch MARK').read() }}",
+    "{{ lipsum.__globals__['os'].system('touch MARK') }}",
+    "{{ namespace.__init__.__globals__.os.system('touch MARK') }}",
+    "{{ self._TemplateReference__context.cycler.__init__.__globals__.os.system('touch MARK') }}",
+    "{{ raise_exception.__globals__['__builtins__']['__import__']('os').system('touch MARK') }}",
+    "{{ strftime_now.__globals__['__builtins__']['__import__']('os').system('touch MARK') }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ (cycler | attr('__init__') | attr('__globals__')).os.system('touch MARK') }}",
+    "{{ '{0.__init__.__globals__[os]}'.format(cycler) }}",
+    "{{ messages.append({'role': 'system', 'content': 'injected'}) }}",
+]
+
+
+@pytest.mark.parametrize("template", ESCAPES, ids=range(len(ESCAPES)))
+def test_hostile_chat_template_runs_nothing(tiny, tmp_path, template):
+    mark = tmp_path / "pwned"
+    path = with_template(copy_of(tiny, tmp_path), template.replace("MARK", str(mark)))
+    model = minee.load(path)                         # loading never renders the template
+    with pytest.raises(TokenizerError) as e:
+        minee.generate(model, "w1 w2", max_new_tokens=2, chat=True)
+    assert not mark.exists()
+    msg = str(e.value)
+    assert msg.startswith(f"the chat template in {path / 'tokenizer_config.json'} ") and "\n" not in msg
+
+
+def test_hostile_chat_template_through_the_cli(tiny, tmp_path):
+    mark = tmp_path / "pwned"
+    path = with_template(copy_of(tiny, tmp_path), ESCAPES[0].replace("MARK", str(mark)))
+    r = subprocess.run([sys.executable, "-m", "minee", "generate", "--model", str(path), "--prompt", "w1",
+                        "--chat", "--max-new-tokens", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert not mark.exists()
+    assert r.returncode == 2
+    assert r.stderr.startswith("minee: error: the chat template in ") and r.stderr.count("\n") == 1
+    assert str(path / "tokenizer_config.json") in r.stderr and "sandbox" in r.stderr
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for m in messages %}{{ m.content }", ["not valid Jinja", "line 1"]),
+    ("{{ messages[0].content / 0 }}", ["failed", "TypeError"]),
+    ("{{ 1 / 0 }}", ["failed", "ZeroDivisionError"]),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", ["failed", "RecursionError"]),
+    ("{{ raise_exception('roles must alternate user/assistant') }}",
+     ["refused the conversation: roles must alternate user/assistant"]),
+], ids=["syntax", "type", "zero_division", "recursion", "raise_exception"])
+def test_broken_chat_template_is_one_clear_error(tiny, tmp_path, template, words):
+    path = with_template(copy_of(tiny, tmp_path), template)
+    with pytest.raises(TokenizerError) as e:
+        minee.load(path).tokenizer.apply_chat_template([{"role": "user", "content": "w1"}])
+    for w in words + [str(path / "tokenizer_config.json")]:
+        assert w in str(e.value), w
+    rc = main(["generate", "--model", str(path), "--prompt", "w1", "--chat", "--max-new-tokens", "2"])
+    assert rc == 2
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "  Answer in one word.  "}, {"role": "user", "content": "Capital of Peru?"},
+     {"role": "assistant", "content": "Lima. "}, {"role": "user", "content": "Ünïcödé ✓ <b>&amp;</b> \"q\""}],
+]
+
+# Written for these tests in the style of Llama 3's template; it also uses what templates written
+# for transformers rely on: special tokens, namespace, {% break %}, trim, raise_exception, tojson.
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] | trim %}"
+    "{% break %}{% endif %}{% endfor %}"
+    "{% if ns.system %}<|start_header_id|>system<|end_header_id|>\n\n{{ ns.system }}<|eot_id|>{% endif %}"
+    "{% for m in messages if m['role'] != 'system' %}"
+    "{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% else %}{{ eos_token }}{{ messages[-1] | tojson }}{% endif %}"
+)
+
+
+def transformers_render(model_dir, messages, add_generation_prompt):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["one_turn", "multi_turn"])
+def test_smollm2_template_renders_as_transformers(smollm2_dir, messages, add_generation_prompt):
+    ours = load_tokenizer(smollm2_dir).apply_chat_template(messages, add_generation_prompt)
+    assert ours == transformers_render(smollm2_dir, messages, add_generation_prompt)
+    assert ours.startswith("<|im_start|>")
+
+
+@pytest.fixture(scope="module")
+def llama3_style_dir(smollm2_dir, tmp_path_factory):
+    """SmolLM2's tokenizer.json with a Llama-3-style template; BOS/EOS given as AddedToken objects."""
+    path = tmp_path_factory.mktemp("llama3_style")
+    shutil.copy(smollm2_dir / "tokenizer.json", path / "tokenizer.json")
+    added = dict(__type="AddedToken", lstrip=False, rstrip=False, normalized=False, single_word=False, special=True)
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": LLAMA3_STYLE,
+        "bos_token": {"content": "<|begin_of_text|>", **added}, "eos_token": {"content": "<|eot_id|>", **added},
+        "pad_token": None}))
+    return path
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["one_turn", "multi_turn"])
+def test_llama3_style_template_renders_as_transformers(llama3_style_dir, messages, add_generation_prompt):
+    ours = load_tokenizer(llama3_style_dir).apply_chat_template(messages, add_generation_prompt)
+    assert ours == transformers_render(llama3_style_dir, messages, add_generation_prompt)
+    assert ours.startswith("<|begin_of_text|>")                          # bos_token reached the template
+
+
+def test_template_raise_exception_matches_transformers(llama3_style_dir):
+    from jinja2.exceptions import TemplateError
+
+    bad = [{"role": "tool", "content": "42"}]
+    with pytest.raises(TemplateError, match="unknown role tool"):
+        transformers_render(llama3_style_dir, bad, True)
+    with pytest.raises(TokenizerError, match="refused the conversation: unknown role tool"):
+        load_tokenizer(llama3_style_dir).apply_chat_template(bad)
+
+
+def test_named_chat_templates_use_the_default(tiny, tmp_path):
+    """tokenizer_config.json may hold a list of named templates; like transformers, minee uses "default"."""
+    path = with_template(copy_of(tiny, tmp_path), [{"name": "tool_use", "template": "T"},
+                                                   {"name": "default", "template": "{{ bos_token }}D"}],
+                         bos_token="<s>")
+    assert load_tokenizer(path).apply_chat_template([{"role": "user", "content": "w1"}]) == "<s>D"
+
+
+@pytest.mark.parametrize("file, content, words", [
+    ("tokenizer_config.json", "{not json", ["tokenizer_config.json", "not valid JSON"]),
+    ("tokenizer_config.json", '{"bos_token": 7}', ["bos_token", "tokenizer_config.json", "7"]),
+    ("tokenizer_config.json", '{"chat_template": 42}', ["chat_template", "must be a string"]),
+    ("tokenizer.json", '{"version": "1.0", "model": 5}', ["tokenizer.json", "cannot be read"]),
+], ids=["config_not_json", "special_token_int", "template_not_text", "tokenizer_garbage"])
+def test_damaged_tokenizer_files(tiny, tmp_path, file, content, words):
+    path = copy_of(tiny, tmp_path)
+    (path / file).write_text(content)
+    with pytest.raises(TokenizerError) as e:
+        minee.load(path)
+    for w in words:
+        assert w in str(e.value), w
+    assert main(["generate", "--model", str(path), "--prompt", "w1", "--max-new-tokens", "1"]) == 2
+
+
+# ----------------------------------------------------------------------------- 2. safetensors headers
+
+def with_header(model_dir, change):
+    """model_dir whose model.safetensors header went through change(header) (which may return text)."""
+    st = model_dir / "model.safetensors"
+    header, data = split_safetensors(st)
+    text = change(header)
+    join_safetensors(st, text if isinstance(text, str) else json.dumps(header), data)
+    return model_dir
+
+
+def entry(name="model.norm.weight", **fields):
+    def change(header):
+        header[name].update(fields)
+    return change
+
+
+def replace(name, value):
+    def change(header):
+        header[name] = value
+    return change
+
+
+NORM = "model.norm.weight"                  # shape (16,), F32: 64 bytes
+HOSTILE_HEADERS = {
+    "claims_1TiB": (entry(shape=[2**20, 2**18], data_offsets=[0, 2**40]), ["1099511627776", "data_offsets"]),
+    "shape_overflow": (entry(shape=[2**62, 2**62]), ["shape", "takes", "bytes"]),
+    "negative_dimension": (entry(shape=[-16]), ["shape [-16]", "whole numbers >= 0"]),
+    "entry_not_object": (replace(NORM, [1, 2, 3]), ["[1, 2, 3]", "not an object"]),
+    "no_data_offsets": (lambda h: h[NORM].pop("data_offsets"), ["data_offsets None"]),
+    "negative_offsets": (entry(data_offsets=[-64, 0]), ["data_offsets [-64, 0]", "whole numbers >= 0"]),
+    "unknown_dtype": (entry(dtype="F99"), ["unknown dtype 'F99'", "BF16"]),
+    "bool_shape": (entry(shape=[True] * 16), ["shape", "whole numbers"]),
+    "offsets_beyond_file": (entry(data_offsets=[10**9, 10**9 + 64]), ["do not lie within"]),
+    "overlap": (lambda h: h[NORM].update(data_offsets=h["model.embed_tokens.weight"]["data_offsets"][:1]
+                                         + [h["model.embed_tokens.weight"]["data_offsets"][0] + 64]),
+                ["overlap", NORM, "model.embed_tokens.weight"]),
+    "name_twice": (lambda h: json.dumps(h).replace('"lm_head.weight"', json.dumps(NORM)),
+                   ["appears twice", NORM]),
+    "deep_nesting": (lambda h: json.dumps(h).replace(json.dumps(NORM) + ": {", json.dumps(NORM) + ": "
+                                                     + "[" * 100_000 + "{"), ["bad JSON header"]),
+}
+
+
+@pytest.mark.parametrize("change, words", HOSTILE_HEADERS.values(), ids=HOSTILE_HEADERS.keys())
+def test_hostile_safetensors_header(tiny, tmp_path, change, words):
+    path = with_header(copy_of(tiny, tmp_path), change)
+    with pytest.raises(minee.WeightsError) as e:
+        minee.load(path)
+    msg = str(e.value)
+    for w in words + [str(path / "model.safetensors")]:
+        assert w in msg, w
+    if "bad JSON header" not in msg:                  # JSON that does not parse has no tensor to name
+        assert NORM in msg
+
+
+def test_header_length_over_the_format_limit(tiny, tmp_path):
+    path = copy_of(tiny, tmp_path)
+    with open(path / "model.safetensors", "r+b") as f:                     # a sparse 200 MB file
+        f.write(struct.pack("<Q", 150_000_000))
+        f.truncate(200_000_000)
+    with pytest.raises(minee.WeightsError, match="header length 150000000 is impossible"):
+        minee.load(path)
+
+
+def test_same_tensor_in_two_shards(tiny, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = copy_of(tiny, tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names}, path / "a.safetensors")
+    save_file({NORM: np.zeros(16, np.float32)}, path / "b.safetensors")   # would silently replace it
+    with pytest.raises(minee.WeightsError) as e:
+        minee.load(path)
+    for w in [NORM, "a.safetensors", "b.safetensors", "once"]:
+        assert w in str(e.value), w
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/dev/zero", "sub/dir.safetensors", "x.bin"])
+def test_index_naming_a_shard_outside_the_directory(tiny, tmp_path, shard):
+    path = copy_of(tiny, tmp_path)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {NORM: shard}}))
+    with pytest.raises(minee.WeightsError, match="shards must be .safetensors files in"):
+        minee.load(path)
+
+
+@pytest.mark.parametrize("value, dtype", [(np.nan, "F32"), (np.inf, "F32"), (1e30, "F32"), (-7e4, "F32"),
+                                          (np.inf, "F16"), (np.nan, "BF16")])
+def test_nan_inf_and_absurd_weights_are_refused(tiny, tmp_path, value, dtype):
+    """One damaged value would turn every logit into NaN (or inf); the loader refuses it."""
+    from safetensors.numpy import load_file
+
+    from minee.convert import f32_to_bf16, write_safetensors
+    path = copy_of(tiny, tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+    cast = {"F32": lambda a: a, "F16": lambda a: a.astype(np.float16), "BF16": f32_to_bf16}[dtype]
+    write_safetensors(path / "model.safetensors", [(n, dtype, a.shape) for n, a in tensors.items()],
+                      (cast(a) for a in tensors.values()))
+    with pytest.raises(minee.WeightsError) as e:
+        minee.load(path)
+    for w in ["model.layers.1.mlp.up_proj.weight", "model.safetensors", "NaN, Inf", "65504"]:
+        assert w in str(e.value), w
+
+
+def test_largest_allowed_weight_still_loads(tiny, tmp_path):
+    """The bound is float16's range: a checkpoint at its edge loads."""
+    from safetensors.numpy import load_file, save_file
+
+    path = copy_of(tiny, tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = -65504.0
+    save_file(tensors, path / "model.safetensors")
+    assert minee.load(path).params["model.layers.1.mlp.up_proj.weight"][3, 5] == -65504.0
+
+
+def test_shapes_are_checked_before_any_tensor_is_read(tiny, tmp_path, monkeypatch):
+    import minee.weights
+
+    reads = []
+    monkeypatch.setattr(minee.weights, "read_tensor", lambda *a: reads.append(a))
+    path = with_header(copy_of(tiny, tmp_path), entry("model.layers.1.mlp.down_proj.weight", dtype="I32"))
+    with pytest.raises(minee.WeightsError, match="dtype I32; minee reads F32, F16, BF16"):
+        minee.load(path)
+    assert reads == []
+
+
+def test_model_too_big_for_memory_is_refused_before_allocating(tiny, monkeypatch, capsys):
+    import minee.weights
+
+    monkeypatch.setattr(minee.weights, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(minee.weights, "read_tensor", lambda *a: pytest.fail("a tensor was read"))
+    with pytest.raises(minee.WeightsError) as e:
+        minee.load(tiny)
+    need = 4 * minee.load_config(tiny).n_params
+    assert f"needs {need / 2**30:.1f} GiB" in str(e.value) and "0.0 GiB is available" in str(e.value)
+    assert main(["generate", "--model", str(tiny), "--prompt", "w1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minee: error: the model in") and err.count("\n") == 1
+
+
+def test_available_memory_is_plausible():
+    import os
+
+    from minee.weights import available_memory
+    free, total = available_memory(), os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < free <= total
+
+
+# ----------------------------------------------------------------------------- 3. config.json
+
+def config_with(model_dir, **changes):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    return model_dir
+
+
+HOSTILE_CONFIGS = {
+    "heads_0": ({"num_attention_heads": 0}, ["num_attention_heads", "got 0"]),
+    "layers_1e8": ({"num_hidden_layers": 10**8}, ["num_hidden_layers", "1,024", "100000000"]),
+    "linear_factor_0": ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, ["factor", "got 0"]),
+    "eps_negative": ({"rms_norm_eps": -1}, ["rms_norm_eps", "got -1"]),
+    "head_dim_odd": ({"head_dim": 7}, ["head_dim", "7", "even"]),
+    "hidden_size_string": ({"hidden_size": "16"}, ["hidden_size", "'16'"]),
+    "kv_heads_0": ({"num_key_value_heads": 0}, ["num_key_value_heads", "got 0"]),
+    "theta_nan": ({"rope_theta": float("nan")}, ["rope_theta", "nan"]),
+    "theta_below_1": ({"rope_theta": 1e-300}, ["rope_theta", "1e-300"]),
+    "vocab_bool": ({"vocab_size": True}, ["vocab_size", "True"]),
+    "vocab_huge": ({"vocab_size": 2**40}, ["vocab_size", str(2**40)]),
+    "ffn_float": ({"intermediate_size": 32.0}, ["intermediate_size", "32.0"]),
+    "tie_string": ({"tie_word_embeddings": "false"}, ["tie_word_embeddings", "'false'"]),
+    "eos_string": ({"eos_token_id": "2"}, ["eos_token_id", "'2'"]),
+    "llama3_low_above_high": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                                "high_freq_factor": 1.0, "original_max_position_embeddings": 64}},
+                              ["high_freq_factor", "low_freq_factor", "greater"]),
+    "rope_scaling_list": ({"rope_scaling": ["linear", 2.0]}, ["rope_scaling", "object"]),
+    "max_positions_0": ({"max_position_embeddings": 0}, ["max_position_embeddings", "got 0"]),
+    "default_head_dim_0": ({"head_dim": None, "num_attention_heads": 32, "num_key_value_heads": 32},
+                           ["hidden_size 16 // num_attention_heads 32", "0", "even"]),
+}
+
+
+@pytest.mark.parametrize("changes, words", HOSTILE_CONFIGS.values(), ids=HOSTILE_CONFIGS.keys())
+def test_hostile_config_field(tiny, tmp_path, changes, words):
+    path = config_with(copy_of(tiny, tmp_path), **changes)
+    with pytest.raises(minee.ConfigError) as e:
+        minee.load(path)
+    for w in words + [str(path / "config.json")]:
+        assert w in str(e.value), w
+
+
+@pytest.mark.parametrize("content, words", [("{", ["not valid JSON"]), ("[1, 2]", ["list", "not an object"]),
+                                            (b"\xff\xfe{}", ["not UTF-8"])], ids=["truncated", "list", "binary"])
+def test_config_json_not_an_object(tiny, tmp_path, content, words):
+    path = copy_of(tiny, tmp_path)
+    getattr(path / "config.json", "write_bytes" if isinstance(content, bytes) else "write_text")(content)
+    with pytest.raises(minee.ConfigError) as e:
+        minee.load(path)
+    for w in words + [str(path / "config.json")]:
+        assert w in str(e.value), w
+
+
+def test_odd_but_valid_config_values_load_with_finite_logits(tiny, tmp_path):
+    """The bounds refuse nonsense only: extreme but meaningful settings still give a working model."""
+    path = config_with(copy_of(tiny, tmp_path), rms_norm_eps=1.0, rope_theta=1e30,
+                       rope_scaling={"rope_type": "linear", "factor": 1e6}, max_position_embeddings=1 << 24)
+    logits = minee.load(path).forward(np.arange(40) % 64)
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+# ----------------------------------------------------------------------------- the command lines
+
+def test_cli_damaged_checkpoint_is_one_line_exit_2(tiny, tmp_path):
+    path = with_header(copy_of(tiny, tmp_path), entry(shape=[2**62, 2**62]))
+    r = subprocess.run([sys.executable, "-m", "minee", "generate", "--model", str(path), "--prompt", "w1"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("minee: error: tensor model.norm.weight in ") and r.stderr.count("\n") == 1
+
+
+def weights_tool_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "weights_tool.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "negative_offsets", "bad_config"])
+def test_inspect_reports_damaged_files(tiny, tmp_path, damage):
+    path = copy_of(tiny, tmp_path)
+    st = path / "model.safetensors"
+    if damage == "truncated":
+        st.write_bytes(st.read_bytes()[:-100])
+    elif damage == "negative_offsets":
+        with_header(path, entry(data_offsets=[-64, 0]))
+    else:
+        config_with(path, num_attention_heads=0)
+    for target in ([path, st] if damage != "bad_config" else [path]):
+        r = weights_tool_cli("inspect", target)
+        assert r.returncode == 2 and r.stdout == "", (target, r.stdout)
+        assert r.stderr.startswith("weights_tool.py: error: ") and r.stderr.count("\n") == 1
+        assert str(path) in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_llama_gguf(path, L=1, D=32, H=4, KV=2, F=64)
+    return path
+
+
+@pytest.mark.parametrize("cut", [100, 3000, -5000], ids=["in_magic_header", "in_metadata", "in_tensors"])
+def test_truncated_gguf_is_one_gguf_error(tiny_gguf, tmp_path, cut):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(tiny_gguf.read_bytes()[:cut])
+    with pytest.raises(GGUFError) as e:
+        gguf_to_hf(bad, tmp_path / "out", progress=False)
+    assert str(e.value).startswith(str(bad)) and str(e.value).count(str(bad)) == 1
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    for cmd in (["convert", bad, tmp_path / "out2"], ["inspect", bad]):
+        r = weights_tool_cli(*cmd)
+        assert r.returncode == 2 and r.stderr.startswith(f"weights_tool.py: error: {bad}"), r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.count(str(bad)) == 1
+
+
+def test_gguf_with_nan_weights_is_refused_at_conversion(tiny_gguf, tmp_path):
+    import gguf
+
+    norm = next(t for t in gguf.GGUFReader(str(tiny_gguf)).tensors if t.name == "output_norm.weight")
+    raw = bytearray(tiny_gguf.read_bytes())
+    raw[norm.data_offset + 8:norm.data_offset + 12] = b"\xff\xff\xff\x7f"           # one float32 NaN
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(GGUFError) as e:
+        gguf_to_hf(bad, tmp_path / "out", progress=False)
+    assert str(e.value).startswith(f"{bad}: tensor output_norm.weight holds NaN")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_gguf_chat_template_is_copied_and_sandboxed(tiny_gguf, tmp_path):
+    """convert keeps a GGUF's chat template; a hostile one runs nothing when minee renders it."""
+    mark = tmp_path / "pwned"
+    hostile = tmp_path / "hostile.gguf"
+    write_tiny_llama_gguf(hostile, L=1, D=32, H=4, KV=2, F=64, chat_template=ESCAPES[0].replace("MARK", str(mark)))
+    out = gguf_to_hf(hostile, tmp_path / "hf", progress=False)
+    assert "__globals__" in json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    with pytest.raises(TokenizerError, match="sandbox"):
+        minee.generate(minee.load(out), "hello", max_new_tokens=1, chat=True)
+    assert not mark.exists()
+
+
+# ----------------------------------------------------------------------------- analyze --reuse table
+
+class _Pickled:
+    """An object whose unpickling would create a file: what a hostile .npz could carry."""
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.mark),))
+
+
+def test_reused_analysis_table_is_checked(tmp_path):
+    """analyze --reuse reads teacher_forced.npz back: damage, other shapes or a pickle mean recompute."""
+    from minee.analysis import TeacherForced, load_table, save_table
+
+    ids, P, N = np.arange(11), 4, 10
+    tf = TeacherForced(**{k: np.zeros((P, N)) for k in TeacherForced.__dataclass_fields__})
+    tf.targets, tf.inputs = ids[1:], ids[:-1]
+    good = tmp_path / "good.npz"
+    save_table(good, tf, 3.5, ids, window=8)
+    table, ppl = load_table(good, ids, 8, P)
+    assert ppl == 3.5 and np.array_equal(table.targets, ids[1:])
+    assert load_table(good, ids, 8, P + 2) == (None, None)                   # another model's table
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(good.read_bytes()[:200])
+    assert load_table(bad, ids, 8, P) == (None, None)
+    mark = tmp_path / "pwned"
+    np.savez(bad, window=8, ids=ids, perplexity=1.0, top1=np.array([_Pickled(mark)], dtype=object))
+    assert load_table(bad, ids, 8, P) == (None, None) and not mark.exists()
