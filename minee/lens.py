@@ -155,10 +155,6 @@ class Trajectory:
     rank: np.ndarray               # (K, P) rank in the lens distribution, 0 = top-1
     prob: np.ndarray               # (K, P) probability in the lens distribution
 
-    @property
-    def labels(self):
-        return [point_label(p) for p in range(self.rank.shape[1])]
-
 
 def token_trajectory(model, ids, tokens, position=-1):
     """Rank and probability of each of `tokens` at every exit point, in the lens of `position`

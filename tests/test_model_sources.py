@@ -118,7 +118,7 @@ def test_generate_with_a_text_prompt_on_a_random_model(tmp_path, capsys):
 
 
 def test_small_vocabulary_needs_no_tokenizer_flag(tmp_path, capsys):
-    assert weights_tool.main(["random", str(tmp_path / "small"), "--vocab", "100"]) == 1
+    assert weights_tool.main(["random", str(tmp_path / "small"), "--vocab", "100"]) == 2
     assert "--no-tokenizer" in capsys.readouterr().err
     assert weights_tool.main(["random", str(tmp_path / "small"), "--vocab", "100", "--no-tokenizer"]) == 0
     assert not (tmp_path / "small" / "tokenizer.json").exists()
