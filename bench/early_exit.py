@@ -87,9 +87,9 @@ def full_nll(model, prompt_ids, tokens):
     return float(-logp[np.arange(len(tokens)), tokens].mean())
 
 
-def unit_costs(model, reps=30):
+def unit_costs(model, reps=30, extra=None):
     """Median seconds of one attention sub-layer, one FFN sub-layer, one LM head and one plain
-    forward of a single token at position 100."""
+    forward of a single token at position 100, and of extra {name: fn(x)} (x (1, 1, D)), interleaved."""
     kv = model.new_kv_cache(1, 128)
     model.forward(np.arange(100), kv_cache=kv)
     x = model.embed_tokens[np.array([[5]])]                                # (1, 1, D)
@@ -99,7 +99,8 @@ def unit_costs(model, reps=30):
         model.forward([5], kv_cache=kv)
 
     fns = {"attn": lambda: model.attn_sublayer(10, x, np.array([[100]]), kv), "mlp": lambda: model.mlp_sublayer(10, x),
-           "lm_head": lambda: model.unembed(x), "forward": forward}
+           "lm_head": lambda: model.unembed(x), "forward": forward,
+           **{name: (lambda fn=fn: fn(x)) for name, fn in (extra or {}).items()}}
     timings = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
@@ -228,11 +229,16 @@ def main():
     args = p.parse_args()
     with threadpool_limits(args.threads):
         res = run(args)
-    out = Path(args.out)
+    save_results(res, args.out, "early_exit", table, plot)
+
+
+def save_results(res, out_dir, name, table, plot):
+    """Write NAME.json, NAME.md (table(res)) and NAME.png (plot) into out_dir; print the table."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "early_exit.json").write_text(json.dumps(res, indent=1))
-    (out / "early_exit.md").write_text(table(res) + "\n")
-    plot(res, out / "early_exit.png")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{name}.md").write_text(table(res) + "\n")
+    plot(res, out / f"{name}.png")
     print(table(res))
 
 

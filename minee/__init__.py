@@ -3,13 +3,14 @@ from pathlib import Path
 
 from .config import ConfigError, ModelConfig, load_config
 from .generate import Generation, generate, generate_batch
+from . import shortcuts
 from .model import Model, hook_names
 from .threads import get_threads, set_threads
 from .tokenizer import TokenizerError, load_tokenizer
 from .weights import WeightsError, load_weights
 
 __all__ = ["load", "Model", "ModelConfig", "Generation", "generate", "generate_batch", "hook_names",
-           "ConfigError", "WeightsError", "TokenizerError", "set_threads", "get_threads"]
+           "ConfigError", "WeightsError", "TokenizerError", "set_threads", "get_threads", "shortcuts"]
 
 
 def resolve(src, progress=True) -> Path:

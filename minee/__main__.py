@@ -8,6 +8,8 @@ import numpy as np
 
 import minee
 from minee.exits import KV_MODES
+from minee.hooks import point_label
+from minee.shortcuts import DEFAULT_RIDGE
 from minee.threads import default_threads
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -21,6 +23,11 @@ def load_with_tokenizer(name, why):
     return model
 
 
+def load_shortcut(args, model):
+    """The --shortcut file checked against the model, or None."""
+    return None if args.shortcut is None else minee.shortcuts.load(args.shortcut, model)
+
+
 def cmd_generate(args):
     from .exits import parse_gate
     from .generate import check_sampling
@@ -28,11 +35,14 @@ def cmd_generate(args):
     if args.kv is not None and args.exit is None:
         raise ValueError(f"--kv {args.kv} fills the keys/values of blocks that an early exit skips; "
                          "add --exit GATE (e.g. --exit confidence:0.9) or leave --kv out")
+    if args.shortcut and not args.exit:
+        raise ValueError("--shortcut changes how early exits are decoded; give an --exit gate too")
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed must be a whole number >= 0, got {args.seed}")
     if args.exit is not None:
         parse_gate(args.exit)                       # a bad gate or gate file fails before the model loads
     model = load_with_tokenizer(args.model, "minee cannot encode a text prompt")
+    shortcut = load_shortcut(args, model)
     started = []
 
     def stream(piece):
@@ -45,7 +55,7 @@ def cmd_generate(args):
 
     out = minee.generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
-                         on_text=None if args.json else stream, exit=args.exit, kv=args.kv)
+                         on_text=None if args.json else stream, exit=args.exit, kv=args.kv, shortcut=shortcut)
     if args.json:
         print(json.dumps({"model": args.model, "prompt": args.prompt, "prompt_tokens": out.prompt_tokens,
                           "tokens": out.tokens, "text": out.text, "exit_points": out.exit_points,
@@ -60,7 +70,7 @@ def summary_line(s, n_layers, threads):
     rate = f", {s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"] else ""
     line = f"{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new{rate}, {threads} BLAS thread(s)"
     if "gate" in s:
-        line += f"; exit {s['gate']} kv={s['kv']}"
+        line += f"; exit {s['gate']} kv={s['kv']}" + (f" through {s['shortcut']}" if s["shortcut"] else "")
     if s["mean_exit_depth"] is None:
         return line + "; the only new token came from the prompt's pass, so no token was decoded"
     cost = (f"{s['mean_blocks_computed']:.1f} of {n_layers} blocks computed, "
@@ -81,25 +91,23 @@ def cmd_lens(args):
     if args.out:
         check_output_file(args.out)
     model = load_with_tokenizer(args.model, "minee cannot encode a text prompt")
+    shortcut = load_shortcut(args, model)
     ids = model.tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give at least one character")
     result = lens(model, ids, k=args.top_k)
+    through = shortcut and lens(model, ids, k=args.top_k, shortcut=shortcut)
     if args.out:
         from .plots import plot_lens
         points = range(1, len(result.points), 2) if args.blocks_only else None
-        plot_lens(result, model.tokenizer, args.metric, points=points, out=args.out)
+        plot_lens(result, model.tokenizer, args.metric, points=points, out=args.out, shortcut=through)
     if args.json:
         print(json.dumps({"model": args.model, "prompt": args.prompt, "figure": args.out,
-                          **result.to_json(model.tokenizer)}))
+                          **result.to_json(model.tokenizer),
+                          "through_shortcut": through and through.to_json(model.tokenizer)}))
         return
-    tok = model.tokenizer
-    print(f"{'point':>8}  top-1 prediction after each input token ({args.metric} in brackets)")
-    for p in reversed(range(len(result.points))):
-        cells = [f"{tok.decode([t])!r}[{v:.2f}]" for t, v in
-                 zip(result.top_ids[p, :, 0], result.metrics[args.metric][p])]
-        print(f"{result.labels[p]:>8}  " + " ".join(cells))
-    print(f"{'input':>8}  " + " ".join(repr(s) for s in result.token_strings))
+    for r in [result] + ([through] if through else []):
+        print_lens(r, model.tokenizer, args.metric)
     if args.out:
         print(f"figure written to {args.out}", file=sys.stderr)
 
@@ -108,7 +116,7 @@ def check_output_file(path):
     """A figure or gate file can be written there: its directory exists (checked before the work)."""
     parent = Path(path).expanduser().resolve().parent
     if not parent.is_dir():
-        raise ValueError(f"cannot write {path}: directory {parent} does not exist")
+        raise ValueError(f"cannot write {path}: its directory does not exist ({parent})")
 
 
 def token_limit(text):
@@ -121,14 +129,26 @@ def token_limit(text):
     return int(text)
 
 
+def print_lens(result, tok, metric):
+    """The lens as a table: one line per exit point, deepest first."""
+    print(f"{'point':>8}  {result.shortcut or 'plain lens'}: top-1 prediction after each input token "
+          f"({metric} in brackets)")
+    for p in reversed(range(len(result.points))):
+        cells = [f"{tok.decode([t])!r}[{v:.2f}]" for t, v in
+                 zip(result.top_ids[p, :, 0], result.metrics[metric][p])]
+        print(f"{result.labels[p]:>8}  " + " ".join(cells))
+    print(f"{'input':>8}  " + " ".join(repr(s) for s in result.token_strings))
+
+
 def cmd_analyze(args):
     from .analysis import analyze, check_run_sizes
     max_tokens = token_limit(args.max_tokens)
     check_run_sizes(args.window, args.gen_prompts, args.gen_tokens)
     model = load_with_tokenizer(args.model, "the analysis cannot encode a text corpus")
+    shortcut = load_shortcut(args, model)
     res = analyze(model, args.out, corpus=args.corpus, max_tokens=max_tokens, window=args.window,
                   gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens, progress=not args.json,
-                  reuse=args.reuse)
+                  reuse=args.reuse, skip_tokens=args.skip_tokens, shortcut=shortcut)
     if args.json:
         print(json.dumps(res))
         return
@@ -150,6 +170,10 @@ def cmd_analyze(args):
         e5 = res["e5"]
         print(f"E5 agreement with plain greedy output ({e5['prompts']} prompts x {e5['new_tokens']} tokens, "
               f"{e5['gate']} exits): " + ", ".join(f"kv={kv} {e5[kv]['agreement']:.1%}" for kv in KV_MODES))
+    if shortcut:
+        sc, mid = res["shortcut"]["e1"], e1["points"] // 2 - 1                  # after half the blocks
+        print(f"through {res['shortcut']['label']}: agreement at {point_label(mid)} {e1['agree'][mid]:.1%} -> "
+              f"{sc['agree'][mid]:.1%}; stable oracle saving {e1['saving_stable']:.1%} -> {sc['saving_stable']:.1%}")
     print(f"figures and analysis.json written to {args.out}", file=sys.stderr)
 
 
@@ -166,7 +190,7 @@ def cmd_train_gate(args):
     if not 0 <= min_point <= P - 2:
         raise ValueError(f"--min-point must be an exit point from 0 to {P - 2} (the last point, {P - 1}, is the "
                          f"full model and never a candidate), got {min_point}")
-    ids = corpus_ids(model.tokenizer, args.corpus, max_tokens)
+    ids = corpus_ids(model.tokenizer, args.corpus, max_tokens, args.skip_tokens)
     tf, ppl = teacher_forced(model, ids, window=args.window, progress=not args.json)
     feats, labels = gate_training_data(tf, np.arange(min_point, P - 1))
     params = train_learned_gate(feats, labels, threshold=args.threshold)
@@ -178,6 +202,34 @@ def cmd_train_gate(args):
     else:
         print(f"trained on {len(ids)} tokens x {P - 1 - min_point} points "
               f"({labels.mean():.1%} safe exits); use it with --exit {spec}")
+
+
+def cmd_shortcuts_fit(args):
+    from .analysis import corpus_ids
+    from .shortcuts import fit, refine
+    max_tokens = token_limit(args.max_tokens)
+    check_output_file(args.out)
+    if args.kl_steps < 0 or args.ridge < 0 or args.skip_tokens < 0:
+        raise ValueError("--kl-steps (0 = least squares only), --ridge and --skip-tokens must be >= 0")
+    model = minee.load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; fitting shortcuts encodes a text corpus")
+    ids = corpus_ids(model.tokenizer, args.corpus, max_tokens, args.skip_tokens)
+    P = 2 * model.config.n_layers
+    first = P // 3 - 1 if args.kl_min_point is None else args.kl_min_point
+    if args.kl_steps and (min(args.kl_batch, args.kl_tokens) < 1 or args.kl_lr <= 0 or not 0 <= first < P - 1):
+        raise ValueError(f"--kl-batch and --kl-tokens must be >= 1, --kl-lr > 0 and --kl-min-point in "
+                         f"0 .. {P - 2}")                 # checked before the fit, not after it
+    sc = fit(model, ids, ridge=args.ridge, window=args.window, progress=not args.json)
+    if args.kl_steps:
+        sc = refine(model, sc, ids, points=range(first, P - 1), steps=args.kl_steps, batch=args.kl_batch,
+                    lr=args.kl_lr, tokens=args.kl_tokens, window=args.window, progress=not args.json)
+    sc.save(args.out)
+    if args.json:
+        print(json.dumps({"out": args.out, **sc.meta}))
+    else:
+        print(f"fitted {len(sc.meta['points'])} exit points on {sc.meta['tokens']} tokens "
+              f"(method {sc.meta['method']}, ridge {sc.meta['ridge']}); use it with --shortcut {args.out}")
 
 
 def parser():
@@ -212,6 +264,7 @@ def parser():
                         "entropy:0.5,min_point=41,attn_points=0")
     g.add_argument("--kv", choices=KV_MODES, default=None,
                    help="with --exit: keys/values of the blocks an early-exited token skips (default copy)")
+    shortcut_option(g, "decode early exits through these shortcuts (needs --exit)")
     g.set_defaults(run=cmd_generate)
 
     le = sub.add_parser("lens", help="logit lens: what every exit point predicts")
@@ -223,12 +276,15 @@ def parser():
     le.add_argument("--top-k", type=int, default=5, help="top-k tokens per cell in --json")
     le.add_argument("--blocks-only", action="store_true",
                     help="plot only block outputs (odd points), not the after-attention points")
+    shortcut_option(le, "also read every point through these shortcuts (drawn side by side)")
     le.set_defaults(run=cmd_lens)
 
     def corpus(cmd, max_tokens):
         cmd.add_argument("--corpus", default=None, help="text file (default: minee's evaluation corpus)")
         cmd.add_argument("--max-tokens", default=str(max_tokens),
                          help=f"corpus tokens to use: a number >= 2 or 'all' (default {max_tokens})")
+        cmd.add_argument("--skip-tokens", type=int, default=0,
+                         help="start after this many corpus tokens (e.g. those shortcuts were fitted on)")
         cmd.add_argument("--window", type=int, default=256, help="tokens scored per forward pass (default 256)")
 
     an = sub.add_parser("analyze", help="the paper's experiments E1-E6 over a corpus, to JSON + PNG")
@@ -243,6 +299,7 @@ def parser():
                          "16 for 256 tokens up to 48 from 768 on)")
     an.add_argument("--reuse", action="store_true",
                     help="reuse OUT/teacher_forced.npz from an earlier run on the same tokens")
+    shortcut_option(an, "also run E1, E2 and E5 through these shortcuts")
     an.set_defaults(run=cmd_analyze)
 
     tg = sub.add_parser("train-gate", help="train the learned early-exit gate on teacher-forced corpus data")
@@ -255,7 +312,28 @@ def parser():
     tg.add_argument("--threshold", type=float, default=0.8,
                     help="exit when P(exit gives the final token) >= this (stored in the file)")
     tg.set_defaults(run=cmd_train_gate)
+
+    sh = sub.add_parser("shortcuts", help="linear shortcuts from every exit point to the last state")
+    fit = sh.add_subparsers(dest="action", required=True).add_parser(
+        "fit", help="fit the maps by least squares (optionally refined on KL) on a corpus")
+    common(fit)
+    corpus(fit, 36864)
+    fit.add_argument("--out", required=True, help="file to write (.npz), for --shortcut OUT")
+    fit.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                     help=f"pull towards the identity, relative to the states' variance (default {DEFAULT_RIDGE})")
+    fit.add_argument("--kl-steps", type=int, default=0, help="Adam steps on KL after least squares (0 = none)")
+    fit.add_argument("--kl-tokens", type=int, default=4096, help="tokens the KL steps draw from (default 4096)")
+    fit.add_argument("--kl-batch", type=int, default=64, help="tokens per KL step (default 64)")
+    fit.add_argument("--kl-lr", type=float, default=3e-4, help="Adam learning rate of the KL steps (default 3e-4)")
+    fit.add_argument("--kl-min-point", type=int, default=None,
+                     help="refine exit points from this one on (default: a third of the way in, 19 of 60)")
+    fit.set_defaults(run=cmd_shortcuts_fit)
     return p
+
+
+def shortcut_option(cmd, what):
+    cmd.add_argument("--shortcut", metavar="FILE", default=None,
+                     help=f"{what}; made by `python -m minee shortcuts fit`")
 
 
 def main(argv=None):

@@ -14,9 +14,10 @@ import numpy as np
 from .exits import (KV_MODES, Gate, cosine, default_min_point, first_match_point, logit_features, patience_runs,
                     stable_point, train_learned_gate)
 from .hooks import exit_point_names
-from .lens import log_softmax, point_chunks
+from .lens import log_softmax, point_chunks, point_logits, shortcut_label, windows
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+MODERN_PROSE = Path(__file__).parent / "data" / "modern_prose.txt"     # held-out text for shortcuts (E7)
 BUCKETS = ("word_initial", "continuation", "other")
 
 
@@ -44,18 +45,22 @@ class TeacherForced:
         return f
 
 
-def corpus_ids(tokenizer, path=None, max_tokens=None):
-    """Token ids of the evaluation corpus (or any text file): the first max_tokens (None = all).
-    Asking for more tokens than the text holds is an error, not a silently longer run."""
+def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
+    """Token ids of the evaluation corpus (or any text file): the first max_tokens (None = all)
+    after `skip` (e.g. skip the tokens shortcuts were fitted on, to score held-out text). Asking
+    for more tokens than the text holds is an error, not a silently longer run."""
     path = Path(path or DEFAULT_CORPUS)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} not found")
-    ids = np.array(tokenizer.encode(path.read_text(errors="replace")), dtype=np.int64)
+    if skip < 0:
+        raise ValueError(f"skip (--skip-tokens) must be >= 0, got {skip}")
+    ids = np.array(tokenizer.encode(path.read_text(errors="replace")), dtype=np.int64)[skip:]
+    holds = f"{len(ids):,} tokens" + (f" after the {skip:,} skipped" if skip else "")
     if max_tokens is not None and not 2 <= max_tokens <= len(ids):
-        raise ValueError(f"max_tokens={max_tokens} does not fit the corpus {path.name}, which holds {len(ids):,} "
-                         f"tokens: use 2 .. {len(ids)}, or all of it (--max-tokens all, max_tokens=None)")
+        raise ValueError(f"max_tokens={max_tokens} does not fit the corpus {path.name}, which holds {holds}: "
+                         f"use 2 .. {len(ids)}, or all of it (--max-tokens all, max_tokens=None)")
     if len(ids) < 2:
-        raise ValueError(f"the corpus {path} encodes to {len(ids)} token(s); it needs at least 2")
+        raise ValueError(f"the corpus {path} holds {holds}; it needs at least 2")
     return ids[:max_tokens]
 
 
@@ -69,24 +74,27 @@ def check_run_sizes(window, gen_prompts=None, gen_tokens=None):
         raise ValueError(f"gen_tokens (tokens generated per E5 prompt) must be >= 1, got {gen_tokens}")
 
 
-def teacher_forced(model, ids, window=256, context=128, progress=True):
+def teacher_forced(model, ids, window=256, context=128, progress=True, shortcut=None):
     """Tabulate every exit point over the corpus ids, `window` scored tokens at a time.
 
     Each window is preceded by up to `context` earlier tokens that the model sees but that are
-    not scored, so no prediction is made from a cut-off context. Returns (table, perplexity).
+    not scored, so no prediction is made from a cut-off context. shortcut: decode every point
+    through these shortcuts (minee.shortcuts) instead of plainly. Returns (table, perplexity).
     """
+    if shortcut is not None:
+        shortcut.check_model(model)
     from tqdm.auto import tqdm
     names = ["hook_embed"] + exit_point_names(model.config.n_layers)
     parts, nll = [], []
-    for s in tqdm(range(0, len(ids) - 1, window), desc="teacher-forced", unit="window", disable=not progress):
-        begin, end = max(0, s - context), min(s + window, len(ids) - 1)
+    for begin, s, end in tqdm(windows(len(ids) - 1, window, context), desc="teacher-forced", unit="window",
+                              disable=not progress):                  # every position with a next token
         logits, acts = model.run_with_cache(ids[None, begin:end], names=names)
         scored = slice(s - begin, end - begin)                             # positions s .. end-1
         states = np.stack([acts[n][0, scored] for n in names])             # (1 + P, T, D)
         logq = log_softmax(logits[0, scored])                              # (T, V) final
         targets = ids[s + 1:end + 1]
         nll.append(-logq[np.arange(len(targets)), targets])
-        part = _window_table(model, states[1:], logq)
+        part = _window_table(model, states[1:], logq, shortcut)
         part["cosine"] = cosine(states[1:], states[:-1])
         part["targets"], part["inputs"] = targets, ids[s:end]
         parts.append(part)
@@ -94,12 +102,12 @@ def teacher_forced(model, ids, window=256, context=128, progress=True):
     return TeacherForced(**table), float(np.exp(np.concatenate(nll).mean()))
 
 
-def _window_table(model, states, logq):
+def _window_table(model, states, logq, shortcut=None):
     """Logit features and KL for states (P, T, D), decoded a memory-sized group of points at a time."""
     P, T, _ = states.shape
     cols = {k: [] for k in ("top1", "confidence", "margin", "entropy", "kl")}
     for sl in point_chunks(P, T, model.config.vocab_size):
-        logp = log_softmax(model.unembed(states[sl]))                      # (p, T, V)
+        logp = log_softmax(point_logits(model, states[sl], sl, shortcut))  # (p, T, V)
         f = logit_features(logp)
         f["kl"] = (np.exp(logq) * (logq - logp)).sum(-1)
         for k in cols:
@@ -162,9 +170,10 @@ def gate_report(gate, tf, mask=None):
             "lm_head_checks": float(checks[m].mean())}
 
 
-def default_gate_sweep(n_points):
-    """Threshold sweeps for every gate kind (candidate points from the last third of the network)."""
-    late = {"min_point": default_min_point(n_points)}
+def default_gate_sweep(n_points, min_point=None):
+    """Threshold sweeps for every gate kind, candidate points from min_point (default: the last
+    third of the network)."""
+    late = {"min_point": default_min_point(n_points) if min_point is None else min_point}
     checks = len(Gate("cosine", 0.9, **late).candidates(n_points))          # patience needs K checked points
     sweeps = [Gate("confidence", t, **late) for t in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)]
     sweeps += [Gate("margin", t, **late) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
@@ -244,14 +253,21 @@ def e5_size(n_tokens, prompts=None, new_tokens=None):
     return prompts, new_tokens
 
 
-def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODES, progress=False):
-    """Agreement with plain greedy decoding at each generated position, per KV fill strategy.
-    One progress bar counts the generated tokens of the plain runs and of every KV mode."""
+def e5_prompts(ids, n, length=32):
+    """n prompts of `length` tokens, evenly spaced over the corpus ids."""
+    starts = np.linspace(0, max(len(ids) - length, 0), n).astype(int)
+    return [ids[s:s + length].tolist() for s in starts]
+
+
+def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODES, shortcut=None, progress=False):
+    """Agreement with plain greedy decoding at each generated position, per KV fill strategy
+    (exits decoded through `shortcut` if given). One progress bar counts the generated tokens of
+    the plain runs and of every KV mode."""
     from tqdm.auto import tqdm
 
     from .generate import generate
-    runs = 1 + len(kv_modes)
-    with tqdm(total=runs * len(prompts) * new_tokens, desc="E5 generation", unit="token",
+    desc = "E5 generation" + (" (shortcut)" if shortcut is not None else "")
+    with tqdm(total=(1 + len(kv_modes)) * len(prompts) * new_tokens, desc=desc, unit="token",
               disable=not progress) as bar:
         def gen(p, **kw):
             out = generate(model, p, new_tokens, stop_at_eos=False, **kw)
@@ -261,7 +277,7 @@ def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODE
         ref = [gen(p).tokens for p in prompts]
         res = {"gate": str(gate), "prompts": len(prompts), "new_tokens": new_tokens}
         for kv in kv_modes:
-            outs = [gen(p, exit=gate, kv=kv) for p in prompts]
+            outs = [gen(p, exit=gate, kv=kv, shortcut=shortcut) for p in prompts]
             same = np.array([np.array(r.tokens) == np.array(t) for r, t in zip(outs, ref)])   # (prompts, n)
             res[kv] = {"agreement_by_position": same.mean(0).tolist(),
                        "identical_prefix_by_position": np.cumprod(same, axis=1).mean(0).tolist(),
@@ -311,29 +327,31 @@ def e6_learned(tf, min_point=None, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
 # ------------------------------------------------------------------ everything, to files
 
 def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompts=None, gen_tokens=None,
-            gen_gate="oracle", progress=True, reuse=False):
-    """Run E1-E6 on the first max_tokens tokens of the corpus (None = all) and write analysis.json,
-    one PNG per experiment and the teacher-forced table (teacher_forced.npz) into out_dir.
-    gen_prompts x gen_tokens: E5's generation (None = scaled with the tokens, see e5_size; 0
-    prompts skips E5). reuse: take the table from a previous run in out_dir if it was made from
-    the same tokens and window. Every stage shows a progress bar (progress=True)."""
+            gen_gate="oracle", progress=True, reuse=False, skip_tokens=0, shortcut=None):
+    """Run E1-E6 on the corpus and write analysis.json, one PNG per experiment and the
+    teacher-forced table (teacher_forced.npz) into out_dir. The corpus tokens are the first
+    max_tokens (None = all) after skip_tokens. gen_prompts x gen_tokens: E5's generation (None =
+    scaled with the tokens, see e5_size; 0 prompts skips E5). reuse: take the table from a
+    previous run in out_dir if it was made from the same tokens and window. shortcut
+    (minee.shortcuts): also run E1, E2 and E5 through it (res["shortcut"]); the figures then show
+    both side by side. Every stage shows a progress bar (progress=True)."""
     import json
 
     from tqdm.auto import tqdm
     check_run_sizes(window, gen_prompts, gen_tokens)
-    ids = corpus_ids(model.tokenizer, corpus, max_tokens)
+    if shortcut is not None:
+        shortcut.check_model(model)
+    ids = corpus_ids(model.tokenizer, corpus, max_tokens, skip_tokens)
     gen_prompts, gen_tokens = e5_size(len(ids), gen_prompts, gen_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tf, ppl = load_table(out / "teacher_forced.npz", ids, window, 2 * model.config.n_layers) if reuse else (None, None)
-    if tf is None:
-        tf, ppl = teacher_forced(model, ids, window=window, progress=progress)
-        save_table(out / "teacher_forced.npz", tf, ppl, ids, window)
+    tf, ppl = cached_table(model, out / "teacher_forced.npz", ids, window, reuse, progress)
     P = tf.top1.shape[0]
     gates = default_gate_sweep(P)
     e3_gates = [g for g in gates if str(g) in (str(Gate("confidence", 0.9, min_point=default_min_point(P))), "oracle")]
-    res = {"model": model.source, "corpus": str(corpus or DEFAULT_CORPUS), "window": window,
-           "head_cost_in_layers": head_cost_in_layers(model.config)}
+    prompts = e5_prompts(ids, gen_prompts)
+    res = {"model": model.source, "corpus": str(corpus or DEFAULT_CORPUS), "skip_tokens": skip_tokens,
+           "window": window, "head_cost_in_layers": head_cost_in_layers(model.config)}
     experiments = {
         "e1": lambda: e1_natural(tf, ppl),
         "e2": lambda: e2_gates(tf, gates),
@@ -343,31 +361,34 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
     }
     for name in tqdm(experiments, desc="E1-E4, E6", unit="experiment", disable=not progress):
         res[name] = experiments[name]()
-    res["e5"] = (e5_generation(model, e5_prompts(ids, gen_prompts), gen_tokens, gen_gate, progress=progress)
-                 if gen_prompts else None)
+    res["e5"] = e5_generation(model, prompts, gen_tokens, gen_gate, progress=progress) if gen_prompts else None
+    if shortcut is not None:
+        tf_sc, _ = cached_table(model, out / "teacher_forced_shortcut.npz", ids, window, reuse, progress, shortcut)
+        res["shortcut"] = {
+            "label": shortcut_label(shortcut), "meta": shortcut.meta,
+            "e1": e1_natural(tf_sc, ppl),
+            "e2": e2_gates(tf_sc, shortcut_gate_sweep(P)),
+            "e5": (e5_generation(model, prompts, gen_tokens, gen_gate, shortcut=shortcut, progress=progress)
+                   if gen_prompts else None)}
     (out / "analysis.json").write_text(json.dumps(res, indent=1))
     write_figures(res, split(tf)[1], out, progress)
     return res
 
 
-def e5_prompts(ids, n, length=32):
-    """n prompts of `length` tokens, evenly spaced over the corpus ids."""
-    starts = np.linspace(0, max(len(ids) - length, 0), n).astype(int)
-    return [ids[s:s + length].tolist() for s in starts]
-
-
 def write_figures(res, held_out, out, progress=True):
-    """One PNG per experiment of an analyze() result into out (held_out: E6's test table, for the oracle)."""
+    """One PNG per experiment of an analyze() result into out (held_out: E6's test table, for the
+    oracle); E1 and E2 also show the shortcut's results if the run had one."""
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
     from . import plots
-    e1 = res["e1"]
+    e1, sc = res["e1"], res.get("shortcut")
     figures = [
         ("e1_lens_curves.png", lambda f: plots.plot_point_curves(
-            e1, f, title=f"Logit lens over {e1['tokens']} corpus tokens (perplexity {e1['perplexity']:.1f})")),
-        ("e1_oracle_hist.png", lambda f: plots.plot_oracle_hist(e1, f)),
-        ("e2_gates.png", lambda f: plots.plot_gate_pareto(res["e2"], f)),
+            e1, f, title=f"Logit lens over {e1['tokens']} corpus tokens (perplexity {e1['perplexity']:.1f})",
+            shortcut=sc and sc["e1"])),
+        ("e1_oracle_hist.png", lambda f: plots.plot_oracle_hist(e1, f, shortcut=sc and sc["e1"])),
+        ("e2_gates.png", lambda f: plots.plot_gate_pareto(res["e2"], f, shortcut=sc and sc["e2"])),
         ("e3_subword.png", lambda f: plots.plot_subword(res["e3"], f)),
         ("e4_sublayer.png", lambda f: plots.plot_sublayer(res["e4"], f)),
         ("e5_generation.png", lambda f: plots.plot_generation(res["e5"], f)) if res["e5"] else None,
@@ -380,19 +401,38 @@ def write_figures(res, held_out, out, progress=True):
         plt.close("all")
 
 
-def save_table(path, tf, perplexity, ids, window):
-    np.savez_compressed(path, perplexity=perplexity, ids=ids, window=window,
+def shortcut_gate_sweep(n_points):
+    """The default sweep, plus the same gates checking from a third of the way in: through a
+    shortcut, middle points become worth checking."""
+    gates = default_gate_sweep(n_points) + default_gate_sweep(n_points, min_point=n_points // 3 - 1)
+    return list({str(g): g for g in gates}.values())
+
+
+def cached_table(model, path, ids, window, reuse, progress, shortcut=None):
+    """teacher_forced() of ids, read from `path` if reuse and it was saved for the same ids, window
+    and shortcut (written there otherwise). Returns (table, perplexity)."""
+    key = "plain" if shortcut is None else shortcut.digest()
+    tf, ppl = load_table(path, ids, window, 2 * model.config.n_layers, key) if reuse else (None, None)
+    if tf is None:
+        tf, ppl = teacher_forced(model, ids, window=window, progress=progress, shortcut=shortcut)
+        save_table(path, tf, ppl, ids, window, key)
+    return tf, ppl
+
+
+def save_table(path, tf, perplexity, ids, window, key="plain"):
+    np.savez_compressed(path, perplexity=perplexity, ids=ids, window=window, key=key,
                         **{k: getattr(tf, k) for k in TeacherForced.__dataclass_fields__})
 
 
-def load_table(path, ids, window, n_points):
-    """(table, perplexity) saved by save_table for these ids, window and n_points exit points, else
-    (None, None): a missing, damaged or foreign file is recomputed (np.load never unpickles)."""
+def load_table(path, ids, window, n_points, key="plain"):
+    """(table, perplexity) saved by save_table for these ids, window, n_points exit points and key
+    ("plain" or a shortcut's digest), else (None, None): a missing, damaged or foreign file is
+    recomputed (np.load never unpickles)."""
     N = len(ids) - 1                                                   # predictions in the table
     shapes = {k: (n_points, N) for k in TeacherForced.__dataclass_fields__} | {"targets": (N,), "inputs": (N,)}
     try:
         with np.load(path) as z:
-            if (int(z["window"]) != window or not np.array_equal(z["ids"], ids)
+            if (int(z["window"]) != window or not np.array_equal(z["ids"], ids) or str(z["key"]) != key
                     or any(z[k].shape != shape for k, shape in shapes.items())):
                 return None, None
             return TeacherForced(**{k: z[k] for k in shapes}), float(z["perplexity"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .lens import log_softmax
+from .lens import log_softmax, point_logits
 from .ops import apply_rope, linear, rms_norm
 
 GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
@@ -332,7 +332,7 @@ def flops(config, S):
     D, F, V, hd = config.d_model, config.d_ff, config.vocab_size, config.head_dim
     q, kv = config.n_heads * hd, config.n_kv_heads * hd
     return {"attn": 2 * D * (2 * q + 2 * kv) + 4 * q * S, "mlp": 6 * D * F,
-            "lm_head": 2 * D * V, "kv_project": 4 * D * kv}
+            "lm_head": 2 * D * V, "kv_project": 4 * D * kv, "shortcut": 2 * D * D}
 
 
 # ------------------------------------------------------------------ one early-exit decode step
@@ -345,6 +345,7 @@ class ExitStats:
     points: list = field(default_factory=list)
     sublayers: int = 0             # sub-layers computed, summed over rows (2 per block)
     lm_head_calls: int = 0
+    shortcut_calls: int = 0
     flops: float = 0.0
     hindsight: bool = False
 
@@ -369,7 +370,8 @@ class ExitStats:
         return {"mean_exit_point": mean(pts.sum()), "mean_exit_depth": mean(((pts + 1) / 2).sum()),
                 "mean_blocks_computed": mean(self.sublayers / 2),
                 "share_early": mean((pts < 2 * config.n_layers - 1).sum()),
-                "lm_head_calls_per_token": mean(self.lm_head_calls), "flops_per_token": mean(self.flops),
+                "lm_head_calls_per_token": mean(self.lm_head_calls),
+                "shortcut_calls_per_token": mean(self.shortcut_calls), "flops_per_token": mean(self.flops),
                 "hindsight": self.hindsight}
 
 
@@ -380,11 +382,20 @@ class ExitDecoder:
     at its candidate points, keeps each row's state at the point where it exits, fills the
     skipped blocks' keys/values (kv mode) and returns the logits (B, V) at the exit points. The
     batch is vectorized, so a step lasts until its slowest row exits; step(token, kv) is B=1.
+
+    shortcut (minee.shortcuts.Shortcuts): decode an early exit point p through its affine map,
+    lm_head(final_norm(h_p @ weight[p] + bias[p])), for the gate's features and for the token.
+    The skipped blocks' keys/values are still filled from the exit state h_p itself (propagate)
+    or the exit block's K/V (copy): the map estimates the *last* state, which no block's K/V
+    projection sees, while h_p is the input the next block really expects
+    (docs/reproduction.md, E7, measures the alternative).
     """
 
-    def __init__(self, model, gate, kv="copy"):
+    def __init__(self, model, gate, kv="copy", shortcut=None):
         check_kv_mode(kv)
-        self.model, self.kv_mode = model, kv
+        if shortcut is not None:
+            shortcut.check_model(model)
+        self.model, self.kv_mode, self.shortcut = model, kv, shortcut
         self.n_points = 2 * model.config.n_layers
         gate = parse_gate(gate)
         if gate.min_point is None and gate.decides:
@@ -424,10 +435,18 @@ class ExitDecoder:
         self.stats.flops += len(x) * self.cost["attn" if p % 2 == 0 else "mlp"]
         return self.sublayer(p, x, positions, kv)
 
-    def _unembed(self, x):
-        """Logits (n, V) of states x (n, 1, D), with the LM head's cost in the stats."""
+    def _decode(self, x, points):
+        """Logits (n, V) of states x (n, 1, D) at exit points (n,), through the shortcut if any
+        (except at the last point, where it is the identity), with their costs in the stats."""
         self.stats.lm_head_calls += len(x)
         self.stats.flops += len(x) * self.cost["lm_head"]
+        if self.shortcut is None:
+            return self.model.unembed(x)[:, -1]
+        early = points < self.n_points - 1
+        self.stats.shortcut_calls += int(early.sum())
+        self.stats.flops += int(early.sum()) * self.cost["shortcut"]
+        x = x.copy()
+        x[early] = self.shortcut.apply(x[early], points[early])              # (n_early, 1, D)
         return self.model.unembed(x)[:, -1]
 
     def _gated(self, x, positions, kv):
@@ -448,7 +467,7 @@ class ExitDecoder:
             live = ~done
             f = {"depth": np.full(B, p / last), "cosine": cosine(x[:, 0], before[:, 0])}
             if self.gate.needs_logits:
-                logits[live] = self._unembed(x[live])
+                logits[live] = self._decode(x[live], np.full(live.sum(), p))
                 f.update(logit_features(log_softmax(logits)))
                 run = np.where(f["top1"] == prev_top1, run + 1, 1)
                 prev_top1, f["run"] = f["top1"], run
@@ -458,13 +477,13 @@ class ExitDecoder:
             done |= exit_now
         states[~done] = x[~done]
         if (~decoded).any():
-            logits[~decoded] = self._unembed(states[~decoded])
+            logits[~decoded] = self._decode(states[~decoded], points[~decoded])
         return points, states, logits
 
     def _oracle(self, x, positions, kv):
         """Run every point, then exit in hindsight at each row's first point from which the top-1
-        stays final. The stats count what an ideal gate would pay: the sub-layers up to p (all of
-        them with kv="compute"), one LM head."""
+        (through the shortcut, if any) stays final. The stats count what an ideal gate would pay:
+        the sub-layers up to p (all of them with kv="compute"), one LM head (and one shortcut)."""
         states = []
         for p in range(self.n_points):
             x = self.sublayer(p, x, positions, kv)
@@ -476,18 +495,18 @@ class ExitDecoder:
         self.stats.flops += float(np.cumsum(sub)[paid].sum())
         self.stats.sublayers += int((paid + 1).sum())
         exit_states = states[points, np.arange(len(points))][:, None]       # (B, 1, D)
-        return points, exit_states, self._unembed(exit_states)
+        return points, exit_states, self._decode(exit_states, points)
 
     def _stable_points(self, states, chunk=4):
-        """stable_point of every row from its states (P, B, D), decoding points from the last one
-        backwards and stopping once every row has met a top-1 that differs from its final one: a
-        token that settles late (most of them) costs a few LM heads instead of P."""
+        """stable_point of every row from its states (P, B, D), decoded (through the shortcut, if
+        any) from the last point backwards, a chunk of points at a time, stopping once every row
+        has met a top-1 that differs from its final one: a token that settles late (most of them)
+        costs a few LM heads instead of P."""
         top1 = np.empty(states.shape[:2], dtype=np.int64)                  # (P, B), filled from the end
-        top1[-1] = self.model.unembed(states[-1]).argmax(-1)
-        known = self.n_points - 1
+        known = self.n_points                                              # top1[known:] is decoded
         while known > 0 and not (top1[known:] != top1[-1]).any(0).all():
             lo = max(0, known - chunk)
-            top1[lo:known] = self.model.unembed(states[lo:known]).argmax(-1)
+            top1[lo:known] = point_logits(self.model, states[lo:known], slice(lo, known), self.shortcut).argmax(-1)
             known = lo
         return known + stable_point(top1[known:])
 

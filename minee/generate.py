@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .exits import ExitDecoder, ExitStats, check_kv_mode
+from .lens import shortcut_label
 from .ops import softmax
 
 
@@ -96,20 +97,21 @@ class TextStream:
 
 
 def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-             chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None):
+             chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None):
     """Continue `prompt` (text or ids) by up to max_new_tokens tokens; on_text(piece) streams the text.
 
     exit: a gate (spec string such as "confidence:0.9" or an exits.Gate) to leave the network
     early on every decoded token; kv: how the skipped layers' keys/values are filled
-    ("copy", the default with a gate, "propagate" or "compute", see exits.py). The prompt always
-    runs the full model. Every argument is checked before on_text is first called.
+    ("copy", the default with a gate, "propagate" or "compute", see exits.py); shortcut:
+    minee.shortcuts.Shortcuts through which an early exit point is decoded (needs exit=). The prompt
+    always runs the full model. Every argument is checked before on_text is first called.
     """
     return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, chat,
-                          stop_at_eos, on_text, exit, kv)[0]
+                          stop_at_eos, on_text, exit, kv, shortcut)[0]
 
 
 def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None):
+                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None):
     """generate() for B prompts (of any token lengths) at once: one Generation per prompt.
 
     Each prompt is prefilled into a cache row of its own; then every step decodes all rows
@@ -125,6 +127,9 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
                          "(e.g. exit='confidence:0.9'), or leave it out")
     kv = "copy" if kv is None else kv
     check_kv_mode(kv)
+    if shortcut is not None and exit is None:
+        raise ValueError("a shortcut changes how early exits are decoded; give an exit gate too "
+                         "(exit=..., --exit on the command line)")
     if on_text is not None and len(prompts) != 1:
         raise ValueError("on_text streams one sequence; pass a single prompt to stream")
     ids = [encode_prompt(model, p, chat) for p in prompts]
@@ -141,7 +146,7 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
             costs.full_pass(model.config, B, float(cache.lengths.mean()) + 1)
             return model.forward(np.array(tokens)[:, None], kv_cache=cache)[:, -1], np.full(B, last_point)
     else:
-        decoder = ExitDecoder(model, exit, kv)
+        decoder = ExitDecoder(model, exit, kv, shortcut)
         step, costs = decoder.step_batch, decoder.stats
     cache = model.new_kv_cache(B, longest + max_new_tokens)
     stream = TextStream(model.tokenizer)
@@ -172,7 +177,7 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
              "decode_tokens_per_s": (n_new - B) / (t2 - t1) if n_new > B else None}
     stats.update(costs.summary(model.config))
     if decoder is not None:
-        stats.update(gate=str(decoder.gate), kv=kv)
+        stats.update(gate=str(decoder.gate), kv=kv, shortcut=shortcut and shortcut_label(shortcut))
     def text(t):
         return model.tokenizer.decode(t, skip_special_tokens=True) if model.tokenizer else ""
 

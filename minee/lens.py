@@ -53,6 +53,7 @@ class LensResult:
     metrics: dict                  # name -> (P, T) float32, see lens_metrics
     final_top_ids: np.ndarray      # (T,) the model's own prediction
     token_strings: list = field(default=None)   # input tokens as text, if a tokenizer is known
+    shortcut: str = None           # None: the plain lens; else which shortcut it was read through
 
     @property
     def labels(self):
@@ -63,7 +64,7 @@ class LensResult:
             return tokenizer.token_strings(ids) if tokenizer else None
         return {
             "ids": list(map(int, self.ids)), "tokens": self.token_strings,
-            "points": self.points, "final_top1": self.final_top_ids.tolist(),
+            "points": self.points, "shortcut": self.shortcut, "final_top1": self.final_top_ids.tolist(),
             "top_ids": self.top_ids.tolist(),
             "top1_tokens": [text(row[:, 0]) for row in self.top_ids] if tokenizer else None,
             "top_probs": np.round(self.top_probs, 5).tolist(),
@@ -91,8 +92,16 @@ def point_chunks(P, T, V, budget_bytes=512 << 20):
     return [slice(i, min(i + step, P)) for i in range(0, P, step)]
 
 
-def decode_points(model, states, final, targets, k=0):
-    """Lens metrics {name: (P, T)} and, if k, top-k ids/probs (P, T, k) for states (P, T, D).
+def point_logits(model, states, points, shortcut=None):
+    """Logits (..., V) of states at exit points: lm_head(final_norm(h_p)), or, through a shortcut
+    (minee.shortcuts), lm_head(final_norm(h_p @ weight[p] + bias[p])). points: one int for all
+    of states (..., D), or an index array / slice along the first axis of states (n, T, D)."""
+    return model.unembed(states if shortcut is None else shortcut.apply(states, points))
+
+
+def decode_points(model, states, final, targets, k=0, shortcut=None):
+    """Lens metrics {name: (P, T)} and, if k, top-k ids/probs (P, T, k) for states (P, T, D) of
+    every exit point in order, decoded plainly or through a shortcut.
 
     All positions of a group of points go through the LM head as one matmul; groups are
     only as small as memory requires (all 2L points at once for a short prompt).
@@ -100,7 +109,7 @@ def decode_points(model, states, final, targets, k=0):
     P, T, _ = states.shape
     parts = []
     for sl in point_chunks(P, T, model.config.vocab_size):
-        logits = model.unembed(states[sl])                                # (p, T, V)
+        logits = point_logits(model, states[sl], sl, shortcut)             # (p, T, V)
         m = lens_metrics(logits, final, targets)
         if k:
             top = top_k(logits, k)
@@ -110,8 +119,9 @@ def decode_points(model, states, final, targets, k=0):
     return {name: np.concatenate([m[name] for m in parts]) for name in parts[0]}
 
 
-def lens(model, ids, k=5):
-    """The lens of one sequence `ids` (T,): every exit point decoded at every position."""
+def lens(model, ids, k=5, shortcut=None):
+    """The lens of one sequence `ids` (T,): every exit point decoded at every position, plainly
+    or through `shortcut` (minee.shortcuts.Shortcuts fitted on this model)."""
     ids = model.check_ids(ids)
     if ids.shape[0] != 1:
         raise ValueError(f"lens() reads one sequence, got a batch of {ids.shape[0]}; call it per row")
@@ -120,27 +130,49 @@ def lens(model, ids, k=5):
     ids = [int(i) for i in ids[0]]
     final, states = exit_states(model, ids)                              # (T, V), (P, T, D)
     targets = np.array(ids[1:] + [-1])                                   # next gold token, none at the end
-    m = decode_points(model, states, final, targets, k)
+    if shortcut is not None:
+        shortcut.check_model(model)
+    m = decode_points(model, states, final, targets, k, shortcut)
     tok = model.tokenizer
     return LensResult(
         ids=ids, points=exit_point_names(model.config.n_layers),
         top_ids=m.pop("top_ids"), top_probs=m.pop("top_probs"), metrics=m,
         final_top_ids=final.argmax(-1),
-        token_strings=tok.token_strings(ids) if tok else None)
+        token_strings=tok.token_strings(ids) if tok else None,
+        shortcut=None if shortcut is None else shortcut_label(shortcut))
 
 
-def corpus_lens(model, ids, window=256, progress=True):
-    """Lens metrics averaged over a long token sequence, in non-overlapping windows: name -> (P,)."""
+def shortcut_label(shortcut):
+    """How a lens was read, for titles and JSON: e.g. 'shortcut (kl, 36864 tokens)'."""
+    return f"shortcut ({shortcut.meta.get('method')}, {shortcut.meta.get('tokens')} tokens)"
+
+
+def windows(n_positions, window=256, context=128):
+    """Teacher-forced windows over positions 0 .. n_positions-1: (begin, start, end) triples.
+
+    Positions start .. end-1 are scored (`window` of them, fewer in the last window); the model
+    also sees up to `context` earlier positions begin .. start-1, so that no scored prediction is
+    made from a cut-off context. Consecutive windows score disjoint positions, so sums over
+    windows can be added in any order.
+    """
+    return [(max(0, s - context), s, min(s + window, n_positions)) for s in range(0, n_positions, window)]
+
+
+def corpus_lens(model, ids, window=256, progress=True, shortcut=None):
+    """Lens metrics averaged over a long token sequence, in non-overlapping windows: name -> (P,).
+    shortcut: read every point through these shortcuts instead of plainly."""
     from tqdm.auto import tqdm
     ids = np.asarray(ids)
     if len(ids) < 2:
         raise ValueError(f"corpus_lens needs at least 2 tokens (an input and its next token), got {len(ids)}")
+    if shortcut is not None:
+        shortcut.check_model(model)
     sums, counts = {}, {}
     starts = range(0, len(ids) - 1, window)
     for s in tqdm(starts, desc="lens", unit="window", disable=not progress):
         chunk = ids[s:s + window + 1]                      # one extra id: the last position's target
         final, states = exit_states(model, chunk[:-1])
-        for name, v in decode_points(model, states, final, chunk[1:]).items():
+        for name, v in decode_points(model, states, final, chunk[1:], shortcut=shortcut).items():
             sums[name] = sums.get(name, 0) + np.nansum(v, axis=1)
             counts[name] = counts.get(name, 0) + np.sum(~np.isnan(v), axis=1)
     return {name: sums[name] / counts[name] for name in sums}

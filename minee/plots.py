@@ -26,51 +26,67 @@ def _cell_text(s, width=8):
     return s if len(s) <= width else s[:width - 1] + "…"
 
 
-def plot_lens(result, tokenizer, metric="entropy", points=None, out=None):
+def plot_lens(result, tokenizer, metric="entropy", points=None, out=None, shortcut=None):
     """Heatmap: exit points (rows, deepest on top) x input positions, coloured by `metric`,
-    each cell labelled with the lens's top-1 token. points: indices to show (default all)."""
+    each cell labelled with the lens's top-1 token. points: indices to show (default all).
+    shortcut: the same prompt's LensResult read through a shortcut, drawn to the right on the
+    same colour scale."""
     points = list(range(len(result.points))) if points is None else list(points)
-    values = result.metrics[metric][points]                           # (p, T)
+    results = [result] + ([shortcut] if shortcut is not None else [])
+    values = [r.metrics[metric][points] for r in results]                 # (p, T) each
+    n_rows, n_cols = values[0].shape
+    fig, axes = plt.subplots(1, len(results), squeeze=False, sharey=True,     # wide and tall enough for the titles
+                             figsize=(max(6.5, 1.6 + 0.85 * n_cols) * len(results), 1.8 + 0.24 * n_rows))
+    cmap = "viridis_r" if metric in ("entropy", "kl", "final_rank") else "viridis"
+    vmin, vmax = min(v.min() for v in values), max(v.max() for v in values)
+    for ax, r, v in zip(axes[0], results, values):
+        im = _lens_panel(ax, r, tokenizer, v, points, cmap, vmin, vmax)
+        ax.set_title(f"{r.shortcut or 'plain lens'}: the top-1 token at every exit point\n"
+                     f"coloured by {METRIC_TITLES.get(metric, metric)}", fontsize=10)
+    axes[0, 0].set_yticks(range(n_rows), [point_label(p) for p in points], fontsize=7)
+    axes[0, 0].set_ylabel("exit point (block.sub-layer)")
+    fig.colorbar(im, ax=axes[0, -1], fraction=0.025, pad=0.01, label=METRIC_TITLES.get(metric, metric))
+    return _save(fig, out)
+
+
+def _lens_panel(ax, result, tokenizer, values, points, cmap, vmin, vmax):
+    """One lens heatmap with every cell labelled by its top-1 token; returns the image."""
     labels = [[_cell_text(tokenizer.decode([t])) for t in result.top_ids[p, :, 0]] for p in points]
     inputs = [_cell_text(t, 12) for t in (result.token_strings or map(str, result.ids))]
-    n_rows, n_cols = values.shape
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 + 0.85 * n_cols), 1.8 + 0.24 * n_rows))   # room for the title
-    cmap = "viridis_r" if metric in ("entropy", "kl", "final_rank") else "viridis"
-    im = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest")
-    for r in range(n_rows):
-        for c in range(n_cols):
+    im = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+    for r in range(values.shape[0]):
+        for c in range(values.shape[1]):
             shade = im.norm(values[r, c])
             dark = shade < 0.5 if cmap == "viridis" else shade > 0.5
             ax.text(c, r, labels[r][c], ha="center", va="center", fontsize=7,
                     color="white" if dark else "black")
-    ax.set_xticks(range(n_cols), inputs, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n_rows), [point_label(p) for p in points], fontsize=7)
+    ax.set_xticks(range(values.shape[1]), inputs, rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("input token (each column predicts the token after it)")
-    ax.set_ylabel("exit point (block.sub-layer)")
-    fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01, label=METRIC_TITLES.get(metric, metric))
-    ax.set_title(f"Logit lens: the top-1 token at every exit point\ncoloured by {METRIC_TITLES.get(metric, metric)}",
-                 fontsize=10)
-    fig.tight_layout()
-    if out:
-        fig.savefig(out, dpi=110)
-    return fig
+    return im
 
 
-def plot_point_curves(summary, out=None, title="Logit lens over a corpus"):
-    """Per-point curves of agreement, accuracy, KL and entropy; summary: name -> (P,) means."""
-    summary = {k: np.asarray(v) for k, v in summary.items() if k in ("agree", "accuracy", "kl", "entropy")}
+def plot_point_curves(summary, out=None, title="Logit lens over a corpus", shortcut=None):
+    """Per-point curves of agreement, accuracy, KL and entropy; summary: name -> (P,) means.
+    shortcut: the same means read through a shortcut ({label: summary} for several), drawn on
+    the same axes."""
+    curves = {"plain lens": summary}
+    if shortcut is not None:
+        curves.update(shortcut if "agree" not in shortcut else {"shortcut": shortcut})
     P = len(summary["agree"])
     x = np.arange(P)
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
     panels = [("agree", "top-1 = final top-1"), ("accuracy", "top-1 = next gold token"),
               ("kl", "KL(final || point), nats"), ("entropy", "entropy, nats")]
     for ax, (name, label) in zip(axes.flat, panels):
-        if name in summary:
-            ax.plot(x, summary[name], marker=".", lw=1)
-            if name in ("kl", "entropy"):
-                ax.set_yscale("symlog", linthresh=0.1)
+        for curve, values in curves.items():
+            if name in values:
+                ax.plot(x, np.asarray(values[name]), marker=".", lw=1, label=curve)
+        if name in ("kl", "entropy"):
+            ax.set_yscale("symlog", linthresh=0.1)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        axes[0, 0].legend(fontsize=8)
     ticks = list(range(1, P, max(2, 2 * (P // 20))))            # block outputs, about 10 of them
     for ax in axes[1]:
         ax.set_xticks(ticks, [point_label(p) for p in ticks], rotation=45, fontsize=8)
@@ -89,14 +105,20 @@ def _save(fig, out):
     return fig
 
 
-def plot_oracle_hist(e1, out=None):
-    """Where each token could have exited: first-match and stable oracle points (E1)."""
+def plot_oracle_hist(e1, out=None, shortcut=None):
+    """Where each token could have exited: first-match and stable oracle points (E1).
+    shortcut: E1 of the same tokens through a shortcut; then the stable points of both are shown."""
     P = e1["points"]
     fig, ax = plt.subplots(figsize=(11, 4))
     x = np.arange(P)
     n = e1["tokens"]
-    ax.bar(x - 0.2, np.array(e1["first_match_hist"]) / n, width=0.4, label="first match")
-    ax.bar(x + 0.2, np.array(e1["stable_hist"]) / n, width=0.4, label="stable (saturation)")
+    if shortcut is None:
+        bars = [("first match", e1["first_match_hist"]), ("stable (saturation)", e1["stable_hist"])]
+    else:
+        bars = [(f"stable, plain lens (saving {e1['saving_stable']:.1%})", e1["stable_hist"]),
+                (f"stable, shortcut (saving {shortcut['saving_stable']:.1%})", shortcut["stable_hist"])]
+    for i, (label, hist) in enumerate(bars):
+        ax.bar(x - 0.2 + 0.4 * i, np.array(hist) / n, width=0.4, label=label)
     ax.set_xticks(x[1::4], [point_label(p) for p in x[1::4]], rotation=45, fontsize=8)
     ax.set_ylabel("share of tokens")
     ax.set_xlabel("earliest exit point whose top-1 equals the final top-1")
@@ -110,15 +132,24 @@ def _kind(row):
     return row["gate"].split(":")[0].split(",")[0]
 
 
-def plot_gate_pareto(rows, out=None, title="Gates: exit error vs exit depth (teacher-forced)"):
-    """One line per gate kind over its threshold sweep; the oracle as a star (E2, E6)."""
+def _sweep(row):
+    """The gate kind with its options: one threshold sweep, e.g. 'confidence,min_point=19'."""
+    head, _, options = row["gate"].partition(",")
+    return head.split(":")[0] + ("," + options if options else "")
+
+
+def plot_gate_pareto(rows, out=None, title="Gates: exit error vs exit depth (teacher-forced)", shortcut=None):
+    """One line per gate kind over its threshold sweep; the oracle as a star (E2, E6).
+    shortcut: the same kind of rows for gates reading a shortcut, drawn dashed."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for kind in dict.fromkeys(_kind(r) for r in rows):
-        pts = sorted((r["mean_exit_depth"], r["exit_error"]) for r in rows if _kind(r) == kind)
-        if kind == "oracle":
-            ax.scatter(*zip(*pts), marker="*", s=250, color="black", label="oracle", zorder=3)
-        else:
-            ax.plot(*zip(*pts), marker="o", ms=4, label=kind)
+    for rows_, style, suffix, key in ((rows, "-", "", _kind), (shortcut or [], "--", " + shortcut", _sweep)):
+        for i, kind in enumerate(dict.fromkeys(key(r) for r in rows_)):
+            pts = sorted((r["mean_exit_depth"], r["exit_error"]) for r in rows_ if key(r) == kind)
+            if kind == "oracle":
+                ax.scatter(*zip(*pts), marker="*" if not suffix else "P", s=200, color="black",
+                           label="oracle" + suffix, zorder=3)
+            else:
+                ax.plot(*zip(*pts), style, marker="o", ms=4, color=f"C{i}", label=kind + suffix)
     ax.set_xlabel("mean exit depth (blocks)")
     ax.set_ylabel("exit error: exit top-1 != final top-1")
     ax.set_title(title, fontsize=10)

@@ -85,3 +85,18 @@ def one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
+    """A small random LLaMA with SmolLM2's tokenizer (vocab 49152), so text experiments run fast."""
+    import shutil
+
+    import weights_tool
+
+    out = tmp_path_factory.mktemp("tinytok")
+    weights_tool.make_random_model(out, layers=3, d_model=32, heads=4, kv_heads=2, ffn=64, vocab=49152,
+                                   std=0.3, seed=1)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / f, out / f)
+    return out

@@ -1,13 +1,11 @@
 """The paper's experiments: oracle and gate bookkeeping on hand-made tables, sub-word buckets on
 known tokenizations, teacher-forced tables against plain forwards, and the analyze CLI."""
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 import minee
-import weights_tool
 from minee import analysis
 from minee.analysis import TeacherForced
 from minee.exits import Gate, log_softmax
@@ -69,17 +67,6 @@ def test_gate_exits_accuracy_and_error_by_hand():
 def test_patience_on_the_table():
     exits, _ = analysis.gate_exits(Gate("patience", 2, min_point=0), table(HAND))
     assert exits.tolist() == [3, 1, 2, 1, 2]            # same top-1 at two consecutive checked points
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
-    """A small random LLaMA with SmolLM2's tokenizer (vocab 49152), so text experiments run fast."""
-    out = tmp_path_factory.mktemp("tinytok")
-    weights_tool.make_random_model(out, layers=3, d_model=32, heads=4, kv_heads=2, ffn=64, vocab=49152,
-                                   std=0.3, seed=1)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / f, out / f)
-    return out
 
 
 def test_teacher_forced_table_equals_a_plain_forward(tiny_with_tokenizer):
