@@ -251,6 +251,8 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
             going = emit(token, point)
             if not going:
                 break
+    if on_text is not None and (tail := stream.finish()):                  # a held-back incomplete character
+        on_text(tail)
     t2 = time.perf_counter()
     n_new = len(tokens)
     out = {"prompt_tokens": len(ids), "new_tokens": n_new, "prefill_s": t1 - t0, "decode_s": t2 - t1,
