@@ -225,10 +225,10 @@ def parser():
         cmd.add_argument("--window", type=int, default=256, help="tokens scored per forward pass")
         cmd.add_argument("--workers", type=int, default=None,
                          help="processes computing windows side by side, each holding a copy of the model "
-                              "(default 1; -1 = every core, or every thread of the --dask-scheduler cluster)")
+                              "(default 1: none started; -1 = one per core)")
         cmd.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
-                         help="send the windows to this Dask cluster (e.g. tcp://host:8786; pip install "
-                              "minee[dask]); its workers need minee and the model at the same path")
+                         help="compute the windows on the workers of this Dask cluster (e.g. tcp://host:8786; "
+                              "pip install minee[dask]); they need minee and the model at the same path")
 
     an = sub.add_parser("analyze", help="the paper's experiments E1-E6 over a corpus, to JSON + PNG")
     common(an)
@@ -274,20 +274,21 @@ def shortcut_option(cmd, what):
 
 
 def workers_backend(args):
-    """--workers checked (default 1, or every worker of the --dask-scheduler cluster), and the
+    """--workers checked (default 1; with --dask-scheduler, every worker of the cluster), and the
     cluster's connection for the command to run in (a no-op without --dask-scheduler)."""
     if "workers" not in args:
         return contextlib.nullcontext()
+    if args.dask_scheduler is not None:
+        if args.workers is not None:
+            raise ValueError("--workers counts processes on this machine; with --dask-scheduler the "
+                             "cluster's workers compute the windows, so leave --workers out")
+        args.workers = -1
+        return dask_cluster(args.dask_scheduler)
     if args.workers is None:
-        args.workers = -1 if args.dask_scheduler else 1
+        args.workers = 1
     if args.workers < 1 and args.workers != -1:
         raise ValueError(f"--workers must be >= 1, or -1 for every core; got {args.workers}")
-    if args.dask_scheduler is None:
-        return contextlib.nullcontext()
-    if args.workers == 1:
-        raise ValueError("--workers 1 computes every window here; leave --workers out (or give -1 or N > 1) "
-                         "to use the --dask-scheduler cluster")
-    return dask_cluster(args.dask_scheduler)
+    return contextlib.nullcontext()
 
 
 def main(argv=None):

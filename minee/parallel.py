@@ -50,12 +50,10 @@ def map_windows(fn, model, spans, *shared, workers=1, group=1, desc="windows", p
     """
     if not isinstance(workers, int) or (workers < 1 and workers != -1):
         raise ValueError(f"workers must be a whole number >= 1, or -1 for every core; got {workers!r}")
-    if group < 1:
-        raise ValueError(f"group must be >= 1, got {group}")
     from tqdm.auto import tqdm
     groups = [spans[i:i + group] for i in range(0, len(spans), group)]
     n_jobs = 1 if workers == 1 else _n_jobs(workers, len(groups))
-    if n_jobs == 1:
+    if n_jobs <= 1:
         results = (_group_result(fn, model, g, shared) for g in groups)
     else:
         results = _on_workers(fn, model, groups, group, shared, n_jobs)

@@ -149,7 +149,7 @@ def test_bad_worker_counts_are_refused(tiny_with_tokenizer, workers):
 
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers must be >= 1, or -1"),
-    (["--workers", "1", "--dask-scheduler", "tcp://127.0.0.1:1"], "--workers 1 computes every window here"),
+    (["--workers", "2", "--dask-scheduler", "tcp://127.0.0.1:1"], "leave --workers out"),
 ])
 def test_cli_worker_errors_are_one_line(tiny_with_tokenizer, tmp_path, capsys, args, message):
     assert analyze_cli(tiny_with_tokenizer, tmp_path / "out", *args) == 2
