@@ -216,6 +216,11 @@ def kv_bytes_per_token(model, positions):
     return 2 * c.n_layers * c.n_kv_heads * positions * c.head_dim * 4
 
 
+def sgemv_read(W, x, y):
+    """One BLAS sgemv y = W @ x: a pure read stream of W, the access pattern of decode."""
+    np.dot(W, x, out=y)
+
+
 class Bandwidth:
     """Streaming bandwidth with the current thread settings, over arrays of BW_MB each.
 
@@ -246,7 +251,7 @@ class Bandwidth:
     def measure(self, reps=7, only=None):
         import torch
         nbytes = self.a.nbytes
-        tests = {"sgemv_read": (lambda: np.dot(self.W, self.x, out=self.y), nbytes),
+        tests = {"sgemv_read": (lambda: sgemv_read(self.W, self.x, self.y), nbytes),
                  "add_3x": (lambda: self._par(lambda a, b, c: np.add(a, b, out=c), self.a, self.b, self.c),
                             3 * nbytes),
                  "copy_2x": (lambda: self._par(np.copyto, self.c, self.a), 2 * nbytes),

@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 
 import minee
 from minee.exits import KV_MODES
@@ -22,6 +23,11 @@ def load_shortcut(args, model):
 def cmd_generate(args):
     if args.shortcut and not args.exit:
         raise ValueError("--shortcut changes how early exits are decoded; give an --exit gate too")
+    if args.prompts_file is not None:
+        return cmd_generate_many(args)
+    if args.batch_size is not None:
+        raise ValueError("--batch-size sets how many of --prompts-file's prompts decode together; "
+                         "give --prompts-file FILE or leave --batch-size out")
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
@@ -29,13 +35,10 @@ def cmd_generate(args):
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     if not args.json:
         print(args.prompt, end="", flush=True)
-    out = minee.generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
-                         on_text=stream, exit=args.exit, kv=args.kv, shortcut=shortcut)
+    out = minee.generate(model, args.prompt, args.max_new_tokens, on_text=stream,
+                         **sampling_options(args, shortcut))
     if args.json:
-        print(json.dumps({"model": args.model, "prompt": args.prompt, "prompt_tokens": out.prompt_tokens,
-                          "tokens": out.tokens, "text": out.text, "exit_points": out.exit_points,
-                          "threads": args.threads, "stats": out.stats}, indent=2))
+        print(json.dumps(result_json(args, args.prompt, out), indent=2))
     else:
         s = out.stats
         rate = f", {s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"] else ""
@@ -43,6 +46,86 @@ def cmd_generate(args):
                  f"{s['mean_layers_used']:.1f} of {model.config.n_layers} layers on average" if args.exit else "")
         print(f"\n[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new{rate}, "
               f"{args.threads} BLAS thread(s){exits}]", file=sys.stderr)
+
+
+def cmd_generate_many(args):
+    """--prompts-file: every prompt of the file through minee.generate_many, results in file order."""
+    batch_size = 16 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    lines, prompts = zip(*read_prompts(args.prompts_file))
+    model = minee.load(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
+    shortcut = load_shortcut(args, model)
+    t0 = time.perf_counter()
+    outs = minee.generate_many(model, prompts, batch_size, args.max_new_tokens, **sampling_options(args, shortcut))
+    new_tokens = 0
+    for i, (line, prompt, out) in enumerate(zip(lines, prompts, outs)):
+        new_tokens += len(out.tokens)
+        if args.json:
+            print(json.dumps({"index": i, "line": line, **result_json(args, prompt, out)}), flush=True)
+        else:
+            print(f"{prompt}{out.text}\n", flush=True)
+    seconds = time.perf_counter() - t0
+    if not args.json:
+        print(f"[{len(prompts)} prompts from {args.prompts_file}, {new_tokens} new tokens in {seconds:.1f} s "
+              f"({new_tokens / seconds:.1f} tokens/s), batch size {batch_size}, {args.threads} BLAS thread(s)]",
+              file=sys.stderr)
+
+
+def sampling_options(args, shortcut):
+    """generate's sampling and early-exit keyword arguments from the command line."""
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
+                exit=args.exit, kv=args.kv, shortcut=shortcut)
+
+
+def result_json(args, prompt, out):
+    """One generation as the JSON object --json prints."""
+    return {"model": args.model, "prompt": prompt, "prompt_tokens": out.prompt_tokens, "tokens": out.tokens,
+            "text": out.text, "exit_points": out.exit_points, "threads": args.threads, "stats": out.stats}
+
+
+def read_prompts(path):
+    """[(line number, prompt)] from a prompts file, checked before anything runs.
+
+    One prompt per line; blank lines are skipped. In a file whose name ends in .jsonl each line
+    is JSON: a string, or an object {"prompt": "..."}; write a newline inside a prompt as \\n
+    there. In any other file each line is the prompt's text as it is.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise OSError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+    jsonl = str(path).endswith(".jsonl")
+    prompts = []
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            prompts.append((n, json_prompt(path, n, line) if jsonl else line))
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts (one per line)")
+    return prompts
+
+
+def json_prompt(path, n, line):
+    """The prompt on line n of a .jsonl prompts file: a JSON string or {"prompt": string}."""
+    where = f"prompts file {path}, line {n}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}); in a .jsonl file every line "
+                         'is a JSON string such as "Once upon a time" or an object {"prompt": "..."}') from None
+    if isinstance(item, dict):
+        if set(item) != {"prompt"}:
+            raise ValueError(f'{where}: an object must hold exactly one key, "prompt" (got {sorted(item)})')
+        item = item["prompt"]
+    if not isinstance(item, str) or not item:
+        raise ValueError(f"{where}: the prompt must be a non-empty string, got {item!r}")
+    return item
 
 
 def cmd_lens(args):
@@ -187,14 +270,22 @@ def parser():
                               "memory-bound and extra threads often slow it down on small shared machines)")
         cmd.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
-    g = sub.add_parser("generate", help="continue a prompt, streaming tokens")
+    g = sub.add_parser("generate", help="continue a prompt, streaming tokens, or every prompt of a file")
     common(g)
-    g.add_argument("--prompt", required=True)
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt")
+    what.add_argument("--prompts-file", metavar="FILE",
+                      help="one prompt per line (in a .jsonl file: a JSON string or {\"prompt\": ...} per line, "
+                           "for prompts with newlines); decoded in batches, printed in file order "
+                           "(--json: one JSON object per line)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="with --prompts-file: prompts decoded together (default 16); a finished row "
+                        "takes the next prompt at once")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="with --prompts-file, prompt i uses seed + i")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--exit", metavar="GATE", default=None,
                    help="early exit gate: fixed:P, confidence:T, margin:T, entropy:T, patience:K, "

@@ -66,9 +66,9 @@ class KVCache:
         self.values[at] = v.transpose(0, 2, 1, 3)
 
     def view(self, layer, end, rows=None):
-        """Keys and values (n, KV, end, hd) of positions 0 .. end-1 of one layer: a view of all
-        rows, or a copy of the given rows."""
-        sel = slice(None) if rows is None else rows
+        """Keys and values (n, KV, end, hd) of positions 0 .. end-1 of one layer, for the given
+        rows (default all): a view when they are consecutive, else a copy."""
+        sel = consecutive(rows)
         return self.keys[layer, sel, :, :end], self.values[layer, sel, :, :end]
 
     def advance(self, T, rows=None):
@@ -80,3 +80,14 @@ class KVCache:
 
     def reset(self):
         self.lengths[:] = 0
+
+
+def consecutive(rows):
+    """rows (default all) as a slice when they are consecutive in order (indexing with it gives a
+    view, not a copy), else as they are."""
+    if rows is None:
+        return slice(None)
+    rows = np.asarray(rows)
+    if rows.size and (rows == np.arange(rows[0], rows[0] + rows.size)).all():
+        return slice(int(rows[0]), int(rows[0]) + rows.size)
+    return rows

@@ -8,12 +8,12 @@ each candidate point (confidence, margin, entropy, top-1, cosine to the previous
 says "exit here" or "go on".
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from .lens import log_softmax, point_logits
-from .ops import apply_rope, linear, rms_norm
+from .ops import rms_norm
 
 GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
 LOGIT_GATES = ("confidence", "margin", "entropy", "patience", "learned")   # need the LM head to decide
@@ -217,11 +217,23 @@ def flops(config, S):
 
 @dataclass
 class ExitStats:
-    """Accumulated over decode steps: where tokens exited and what it cost."""
+    """One entry per decoded token, in decoding order: its exit point, the sub-layers computed for
+    it, the LM heads and shortcut products run for it, and its estimated FLOPs. Rows decoded
+    together each count their own."""
     points: list = field(default_factory=list)
-    lm_head_calls: int = 0
-    shortcut_calls: int = 0
-    flops: float = 0.0
+    sublayers: list = field(default_factory=list)
+    lm_head_calls: list = field(default_factory=list)
+    shortcut_calls: list = field(default_factory=list)
+    flops: list = field(default_factory=list)
+
+    def record(self, **step):
+        """Append one decode step's tokens: each field's values as an array (n,), one per row."""
+        for name, values in step.items():
+            getattr(self, name).extend(np.asarray(values).tolist())
+
+    def subset(self, index):
+        """The stats of the tokens at these indices (e.g. one prompt's tokens of a batch)."""
+        return ExitStats(**{f.name: [getattr(self, f.name)[i] for i in index] for f in fields(self)})
 
     def summary(self, config):
         n = max(len(self.points), 1)
@@ -229,19 +241,22 @@ class ExitStats:
         pts = np.array(self.points, dtype=float)
         return {"mean_exit_point": float(pts.mean()) if len(pts) else None,
                 "mean_layers_used": float(((pts + 1) / 2).mean()) if len(pts) else None,
+                "mean_blocks_computed": sum(self.sublayers) / 2 / n if len(pts) else None,
                 "share_early": float((pts < full - 1).mean()) if len(pts) else None,
-                "lm_head_calls_per_token": self.lm_head_calls / n,
-                "shortcut_calls_per_token": self.shortcut_calls / n,
-                "flops_per_token": self.flops / n}
+                "lm_head_calls_per_token": sum(self.lm_head_calls) / n,
+                "shortcut_calls_per_token": sum(self.shortcut_calls) / n,
+                "flops_per_token": sum(self.flops) / n}
 
 
 class ExitDecoder:
     """Decodes one position at a time with early exit; keeps the gate's settings and the stats.
 
-    step_batch(tokens, kv) runs the sub-layers in order for B sequences at once, checks the gate
-    at its candidate points, keeps each row's state at the point where it exits, fills the
-    skipped blocks' keys/values (kv mode) and returns the logits (B, V) at the exit points. The
-    batch is vectorized, so a step lasts until its slowest row exits; step(token, kv) is B=1.
+    step_batch(tokens, kv, rows) runs the sub-layers in order for n sequences at once, checks the
+    gate at its candidate points, keeps each row's state at the point where it exits, fills the
+    skipped blocks' keys/values (kv mode) and returns the logits (n, V) at the exit points. A row
+    that exited drops out: the deeper sub-layers run on the rows still going (gathered, computed,
+    scattered back), and the gate checks only them. kv="compute" is the exception: it finishes
+    every block of every row for an exact cache. step(token, kv) is one sequence.
 
     shortcut (minee.shortcuts.Shortcuts): decode an early exit point p through its affine map,
     lm_head(final_norm(h_p @ weight[p] + bias[p])), for the gate's features and for the token.
@@ -262,11 +277,12 @@ class ExitDecoder:
             raise ValueError(f"fixed exit point {self.gate.value} is out of range 0 .. {self.n_points - 1}")
         self.stats = ExitStats()
 
-    def sublayer(self, p, x, positions, kv):
-        """Residual after exit point p given the residual before it: x (B, 1, D) at positions (B, 1)."""
+    def sublayer(self, p, x, positions, kv, rows=None):
+        """Residual after exit point p given the residual before it: x (n, 1, D) at positions (n, 1)
+        of cache rows `rows` (default all)."""
         l = p // 2
         if p % 2 == 0:
-            return x + self.model.attn_sublayer(l, x, positions, kv)
+            return x + self.model.attn_sublayer(l, x, positions, kv, rows)
         return x + self.model.mlp_sublayer(l, x)
 
     def step(self, token, kv):
@@ -274,104 +290,124 @@ class ExitDecoder:
         logits, points = self.step_batch([token], kv)
         return logits[0], int(points[0])
 
-    def step_batch(self, tokens, kv):
-        """One new position for each of B sequences: tokens (B,) -> logits (B, V), exit points (B,)."""
+    def step_batch(self, tokens, kv, rows=None):
+        """One new position for each of n sequences living in cache rows `rows` (default all):
+        tokens (n,) -> logits (n, V), exit points (n,)."""
         tokens = np.asarray(tokens).reshape(-1)
-        positions = self.model.positions(len(tokens), 1, kv)                 # (B, 1)
-        self.cost = flops(self.model.config, float(positions.mean()) + 1)
-        x = self.model.embed_tokens[tokens][:, None, :]                       # (B, 1, D)
+        rows = np.arange(kv.batch_size) if rows is None else np.asarray(rows)     # (n,) cache rows
+        positions = self.model.positions(len(tokens), 1, kv, rows)                 # (n, 1)
+        S = positions[:, 0] + 1                                                    # (n,) positions attended
+        self.cost = {k: np.broadcast_to(v, S.shape) for k, v in flops(self.model.config, S).items()}
+        self.tally = {"sublayers": np.zeros(len(S), np.int64), "lm_head_calls": np.zeros(len(S), np.int64),
+                      "shortcut_calls": np.zeros(len(S), np.int64), "flops": np.zeros(len(S))}   # this step's cost per row
+        x = self.model.embed_tokens[tokens][:, None, :]                            # (n, 1, D)
         run = self._oracle if self.gate.kind == "oracle" else self._gated
-        points, states, logits = run(x, positions, kv)
-        self.fill_skipped(points, states, positions, kv)
-        kv.advance(1)
-        self.stats.points.extend(points.tolist())
+        points, states, logits = run(x, positions, kv, rows)
+        self.fill_skipped(points, states, positions, kv, rows)
+        kv.advance(1, rows)
+        self.stats.record(points=points, **self.tally)
         return logits, points
 
-    def _run(self, p, x, positions, kv):
-        """sublayer() plus its cost (for every row computed) in the stats."""
-        self.stats.flops += len(x) * self.cost["attn" if p % 2 == 0 else "mlp"]
-        return self.sublayer(p, x, positions, kv)
+    def _run(self, p, x, positions, kv, rows, on):
+        """sublayer() for the rows `on` of the step (x, positions and rows already taken at `on`),
+        with its cost charged to them."""
+        self.tally["sublayers"][on] += 1
+        self.tally["flops"][on] += self.cost["attn" if p % 2 == 0 else "mlp"][on]
+        return self.sublayer(p, x, positions, kv, rows)
 
-    def _decode(self, x, points):
-        """Logits (n, V) of states x (n, 1, D) at exit points (n,), through the shortcut if any
-        (except at the last point, where it is the identity), with their costs in the stats."""
-        self.stats.lm_head_calls += len(x)
-        self.stats.flops += len(x) * self.cost["lm_head"]
+    def _decode(self, x, points, on):
+        """Logits (k, V) of the states x (k, 1, D) of the rows `on` at exit points (k,), through the
+        shortcut if any (except at the last point, where it is the identity), with their costs
+        charged to those rows."""
+        self.tally["lm_head_calls"][on] += 1
+        self.tally["flops"][on] += self.cost["lm_head"][on]
         if self.shortcut is None:
             return self.model.unembed(x)[:, -1]
         early = points < self.n_points - 1
-        self.stats.shortcut_calls += int(early.sum())
-        self.stats.flops += int(early.sum()) * self.cost["shortcut"]
+        self.tally["shortcut_calls"][on[early]] += 1
+        self.tally["flops"][on[early]] += self.cost["shortcut"][on[early]]
         x = x.copy()
-        x[early] = self.shortcut.apply(x[early], points[early])              # (n_early, 1, D)
+        x[early] = self.shortcut.apply(x[early], points[early])              # (k_early, 1, D)
         return self.model.unembed(x)[:, -1]
 
-    def _gated(self, x, positions, kv):
+    def _gated(self, x, positions, kv, rows):
         """Run sub-layers until every row's gate said exit at a candidate point (or the last point).
 
-        Returns exit points (B,), exit states (B, 1, D) and their logits (B, V)."""
-        B, last = len(x), self.n_points - 1
-        points, states = np.full(B, last), x.copy()
-        done, decoded = np.zeros(B, bool), np.zeros(B, bool)          # exited; logits already computed
-        logits = np.zeros((B, self.model.config.vocab_size), np.float32)
-        prev_top1, run = np.full(B, -1), np.zeros(B, dtype=np.int64)
+        Returns exit points (n,), exit states (n, 1, D) and their logits (n, V)."""
+        n, last = len(x), self.n_points - 1
+        points, states = np.full(n, last), x.copy()
+        done, decoded = np.zeros(n, bool), np.zeros(n, bool)          # exited; logits already computed
+        logits = np.zeros((n, self.model.config.vocab_size), np.float32)
+        prev_top1, run = np.full(n, -1), np.zeros(n, dtype=np.int64)
         for p in range(self.n_points):
-            if done.all() and self.kv_mode != "compute":              # compute: finish for an exact cache
+            on = self.computing(done)
+            if not on.size:
                 break
-            before, x = x, self._run(p, x, positions, kv)                   # exited rows ride along, unused
-            if p == last or p not in self.candidates:
+            check = p in self.candidates and p != last
+            before = x.copy() if check else None                      # (n, 1, D) for the cosine feature
+            x[on] = self._run(p, x[on], positions[on], kv, rows[on], on)   # gather, compute, scatter back
+            if not check:
                 continue
-            live = ~done
-            f = {"depth": np.full(B, p / last), "cosine": cosine(x[:, 0], before[:, 0])}
+            live = np.flatnonzero(~done)                              # rows the gate still checks
+            f = {"depth": np.full(len(live), p / last), "cosine": cosine(x[live, 0], before[live, 0])}
             if self.gate.needs_logits:
-                logits[live] = self._decode(x[live], np.full(live.sum(), p))
-                f.update(logit_features(log_softmax(logits)))
-                run = np.where(f["top1"] == prev_top1, run + 1, 1)
-                prev_top1, f["run"] = f["top1"], run
-            exit_now = np.asarray(self.gate.decide(f), dtype=bool) & live
+                logits[live] = self._decode(x[live], np.full(len(live), p), live)
+                f.update(logit_features(log_softmax(logits[live])))
+                run[live] = np.where(f["top1"] == prev_top1[live], run[live] + 1, 1)
+                prev_top1[live], f["run"] = f["top1"], run[live]
+            exit_now = live[np.asarray(self.gate.decide(f), dtype=bool)]
             points[exit_now], states[exit_now] = p, x[exit_now]
-            decoded |= exit_now & self.gate.needs_logits
-            done |= exit_now
+            decoded[exit_now] = self.gate.needs_logits
+            done[exit_now] = True
         states[~done] = x[~done]
-        if (~decoded).any():
-            logits[~decoded] = self._decode(states[~decoded], points[~decoded])
+        undecoded = np.flatnonzero(~decoded)
+        if undecoded.size:
+            logits[undecoded] = self._decode(states[undecoded], points[undecoded], undecoded)
         return points, states, logits
 
-    def _oracle(self, x, positions, kv):
+    def computing(self, done):
+        """Rows of the step that compute the next sub-layer, given which have exited (done (n,)):
+        those still going; every row with kv="compute", which finishes all blocks for an exact cache."""
+        return np.arange(len(done)) if self.kv_mode == "compute" else np.flatnonzero(~done)
+
+    def _oracle(self, x, positions, kv, rows):
         """Run every point, then exit in hindsight at each row's first point from which the top-1
         (through the shortcut, if any) stays final. The stats count what an ideal gate would pay:
         the sub-layers up to p, one LM head (and one shortcut)."""
         states = []
         for p in range(self.n_points):
-            x = self.sublayer(p, x, positions, kv)
+            x = self.sublayer(p, x, positions, kv, rows)
             states.append(x[:, 0])
-        states = np.stack(states)                                          # (P, B, D)
-        points = stable_point(point_logits(self.model, states, slice(None), self.shortcut).argmax(-1))  # (B,)
-        sub = np.array([self.cost["attn" if q % 2 == 0 else "mlp"] for q in range(self.n_points)])
-        self.stats.flops += float(np.cumsum(sub)[points].sum())
-        exit_states = states[points, np.arange(len(points))][:, None]       # (B, 1, D)
-        return points, exit_states, self._decode(exit_states, points)
+        states = np.stack(states)                                          # (P, n, D)
+        points = stable_point(point_logits(self.model, states, slice(None), self.shortcut).argmax(-1))  # (n,)
+        every = np.arange(len(points))
+        sub = np.stack([self.cost["attn" if q % 2 == 0 else "mlp"] for q in range(self.n_points)])  # (P, n)
+        self.tally["flops"] += np.cumsum(sub, axis=0)[points, every]
+        self.tally["sublayers"] += points + 1
+        exit_states = states[points, every][:, None]                       # (n, 1, D)
+        return points, exit_states, self._decode(exit_states, points, every)
 
-    def fill_skipped(self, points, states, positions, kv):
+    def fill_skipped(self, points, states, positions, kv, rows):
         """Keys/values at each row's new position for the blocks after its exit block (points // 2).
 
-        compute: nothing to do, every block ran for every row. Otherwise rows that exited before
-        the batch's slowest row have K/V of their running state in the blocks the loop reached;
-        every skipped block is overwritten here."""
+        compute: nothing to do, every block ran for every row. Otherwise a row stopped computing
+        at its exit, so no block after its exit block has keys/values at this position: each is
+        written here."""
         if self.kv_mode == "compute":
             return
-        l_exit, pos = points // 2, positions[:, 0]                             # (B,), (B,)
+        l_exit, pos = points // 2, positions[:, 0]                             # (n,), (n,)
         for l in range(1, self.model.config.n_layers):
-            rows = np.flatnonzero(l_exit < l)
-            if not rows.size:
+            i = np.flatnonzero(l_exit < l)                                     # rows of the step that skipped block l
+            if not i.size:
                 continue
+            r = rows[i]                                                        # their cache rows
             if self.kv_mode == "copy":                 # the exit block's K/V, reused in every deeper block
-                kv.keys[l, rows, :, pos[rows]] = kv.keys[l_exit[rows], rows, :, pos[rows]]
-                kv.values[l, rows, :, pos[rows]] = kv.values[l_exit[rows], rows, :, pos[rows]]
+                kv.keys[l, r, :, pos[i]] = kv.keys[l_exit[i], r, :, pos[i]]
+                kv.values[l, r, :, pos[i]] = kv.values[l_exit[i], r, :, pos[i]]
             else:                                      # propagate (CALM): the exit state through block l's K/V projections
-                k, v = kv_projection(self.model, l, states[rows], positions[rows])
-                kv.write(l, k, v, positions[rows], rows)
-                self.stats.flops += len(rows) * self.cost["kv_project"]
+                k, v = kv_projection(self.model, l, states[i], positions[i])
+                kv.write(l, k, v, positions[i], r)
+                self.tally["flops"][i] += self.cost["kv_project"][i]
 
 
 def kv_projection(model, l, x, positions):

@@ -1,9 +1,10 @@
-"""Text generation: prefill the prompt into a KV cache, then sample one token at a time."""
-import time
+"""Text generation: sampling, and generate / generate_batch / generate_many on top of the decode
+loop of batch.py (prefill each prompt into a KV cache row, then sample one token at a time)."""
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .batch import decode
 from .exits import ExitDecoder, check_kv_mode
 from .lens import shortcut_label
 from .ops import softmax
@@ -93,70 +94,97 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
 
 def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
                    chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy", shortcut=None):
-    """generate() for B prompts (of any token lengths) at once: one Generation per prompt.
+    """generate() for a list of prompts (of any token lengths) decoded together: one Generation per prompt.
 
-    Each prompt is prefilled into a cache row of its own; then every step decodes all rows
-    together (one matmul per weight), each row at its own position. With early exit each row
-    exits at its own point; a row that exits is frozen while the others go on. Rows that
-    finished (EOS) keep being fed until the last one finishes; the stats count every row of
-    every step. seed: an int s (row b samples from its own stream, seeded s + b) or one seed per
-    row, so row b equals generate(prompts[b], seed=that row's seed) token for token.
+    Each prompt is prefilled into a KV cache row of its own; then every step decodes the rows
+    together (one matrix product per weight), each row at its own position. A row that finishes
+    (EOS or max_new_tokens) stops computing; with early exit, a row that exits stops computing
+    deeper sub-layers while the others go on. seed: an int s (prompt i samples from its own
+    stream, seeded s + i) or one seed per prompt, so result i equals generate(prompts[i],
+    seed=that seed) token for token. Each result's stats are its own row's. on_text streams a
+    single prompt only. The same as generate_many with batch_size=len(prompts).
     """
+    results = _start(model, prompts, len(prompts), max_new_tokens, temperature, top_k, top_p, seed, chat,
+                     stop_at_eos, exit, kv, shortcut, on_text)
+    return list(_in_order(results, len(prompts), progress=False))
+
+
+def generate_many(model, prompts, batch_size=16, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
+                  seed=None, chat=False, stop_at_eos=True, exit=None, kv="copy", shortcut=None, progress=None):
+    """Decode any number of prompts with at most batch_size rows at once; yields one Generation
+    per prompt, in prompt order.
+
+    A queue (minee/batch.py): when a row finishes, its KV cache row takes the next waiting prompt
+    right away, so the batch stays full. The arguments are generate's; seed as in generate_batch
+    (prompt i always samples from the same stream, whichever row it lands in), so result i equals
+    generate(prompts[i], ...) token for token. progress: a progress bar on stderr (default: when
+    there are more prompts than batch_size). Bad arguments and prompts are errors before anything
+    is decoded. The KV cache holds batch_size x (longest prompt + max_new_tokens) positions.
+    """
+    prompts = prompts if isinstance(prompts, str) else list(prompts)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    results = _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                     stop_at_eos, exit, kv, shortcut)
+    show = len(prompts) > batch_size if progress is None else progress
+    return _in_order(results, len(prompts), show)
+
+
+def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat, stop_at_eos,
+           exit, kv, shortcut, on_text=None):
+    """Check every argument and prompt, then start the decode loop: (prompt index, Generation)
+    pairs as prompts finish."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     check_kv_mode(kv)
     if shortcut is not None and exit is None:
         raise ValueError("a shortcut changes how early exits are decoded; give an exit gate too "
                          "(exit=..., --exit on the command line)")
+    if isinstance(prompts, str):
+        raise ValueError("pass a list of prompts (texts or lists of ids); for one prompt use minee.generate")
+    if not prompts:
+        raise ValueError("no prompts given; pass a list with at least one prompt")
     if on_text is not None and len(prompts) != 1:
         raise ValueError("on_text streams one sequence; pass a single prompt to stream")
     ids = [encode_prompt(model, p, chat) for p in prompts]
     rngs = [np.random.default_rng(s) for s in row_seeds(seed, len(ids))]
-    B, longest = len(ids), max(len(i) for i in ids)
+    longest = max(len(i) for i in ids)
     if longest + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.config.max_position_embeddings} positions")
-    last_point = 2 * model.config.n_layers - 1
-    if exit is None:
-        decoder = None
-
-        def step(tokens, cache):
-            return model.forward(np.array(tokens)[:, None], kv_cache=cache)[:, -1], np.full(B, last_point)
-    else:
-        decoder = ExitDecoder(model, exit, kv, shortcut)
-        step = decoder.step_batch
-    cache = model.new_kv_cache(B, longest + max_new_tokens)
+    decoder = None if exit is None else ExitDecoder(model, exit, kv, shortcut)
     stream = TextStream(model.tokenizer)
-    tokens, points = [[] for _ in range(B)], [[last_point] for _ in range(B)]
-    finished = np.zeros(B, bool)
-    t0 = time.perf_counter()
-    logits = np.stack([model.forward(i, kv_cache=cache, rows=[b])[0, -1]      # prefill row by row: (B, V)
-                       for b, i in enumerate(ids)])
-    t1 = time.perf_counter()
-    while True:
-        for b in np.flatnonzero(~finished):
-            tokens[b].append(sample(logits[b], temperature, top_k, top_p, rngs[b]))
-            finished[b] = len(tokens[b]) == max_new_tokens or (stop_at_eos and tokens[b][-1] in model.config.eos_token_ids)
-        if on_text is not None:
-            on_text(stream.push(tokens[0][-1]))
-        if finished.all():
-            break
-        live = ~finished
-        logits, exit_points = step([t[-1] for t in tokens], cache)            # decode one position: (B, V)
-        for b in np.flatnonzero(live):
-            points[b].append(int(exit_points[b]))
-    t2 = time.perf_counter()
-    n_new = sum(len(t) for t in tokens)
-    stats = {"prompt_tokens": sum(len(i) for i in ids), "new_tokens": n_new,
-             "prefill_s": t1 - t0, "decode_s": t2 - t1,
-             "decode_tokens_per_s": (n_new - B) / (t2 - t1) if n_new > B else None}
-    if decoder is not None:
-        stats.update(gate=str(decoder.gate), kv=kv, shortcut=shortcut and shortcut_label(shortcut),
-                     **decoder.stats.summary(model.config))
-    def text(t):
-        return model.tokenizer.decode(t, skip_special_tokens=True) if model.tokenizer else ""
+    on_token = None if on_text is None else (lambda i, token: on_text(stream.push(token)))
+    rows = decode(model, ids, batch_size, max_new_tokens,
+                  pick=lambda i, logits: sample(logits, temperature, top_k, top_p, rngs[i]),
+                  stop_ids=model.config.eos_token_ids if stop_at_eos else (), decoder=decoder, on_token=on_token)
+    return ((row.index, generation(model, row, decoder)) for row in rows)
 
-    return [Generation(i, t, text(t), dict(stats), pts)
-            for i, t, pts in zip(ids, tokens, points)]
+
+def generation(model, row, decoder):
+    """The Generation of one finished batch.Row, with its own row's stats."""
+    n = len(row.tokens)
+    stats = {"prompt_tokens": len(row.ids), "new_tokens": n, "prefill_s": row.prefill_s,
+             "decode_s": row.decode_s, "decode_tokens_per_s": (n - 1) / row.decode_s if n > 1 else None}
+    if decoder is not None:
+        stats.update(gate=str(decoder.gate), kv=decoder.kv_mode,
+                     shortcut=decoder.shortcut and shortcut_label(decoder.shortcut),
+                     **decoder.stats.subset(row.steps).summary(model.config))
+    text = model.tokenizer.decode(row.tokens, skip_special_tokens=True) if model.tokenizer else ""
+    return Generation(row.ids, row.tokens, text, stats, row.points)
+
+
+def _in_order(results, n, progress):
+    """(prompt index, Generation) pairs as prompts finish -> Generations in prompt order, with a
+    progress bar counting finished prompts."""
+    from tqdm.auto import tqdm
+    ready, next_i = {}, 0
+    with tqdm(total=n, desc="generate", unit="prompt", disable=not progress) as bar:
+        for i, g in results:
+            bar.update(1)
+            ready[i] = g
+            while next_i in ready:
+                yield ready.pop(next_i)
+                next_i += 1
 
 
 def row_seeds(seed, B):

@@ -41,13 +41,15 @@ class Model:
 
     # ------------------------------------------------------------ the forward pass
 
-    def forward(self, ids, kv_cache=None, hooks=None, rows=None):
+    def forward(self, ids, kv_cache=None, hooks=None, rows=None, last_only=False):
         """Logits (B, T, V) float32 for token ids (T,) or (B, T).
 
         kv_cache: a KVCache from new_kv_cache; each row's positions continue from its own length
         and the new keys/values are appended. rows: the cache rows the B sequences live in
         (default all, in order), e.g. rows=[2] to prefill a prompt into row 2 alone.
-        hooks: {hook name: fn(x, name)}; fn may return a replacement.
+        hooks: {hook name: fn(x, name)}; fn may return a replacement. last_only: logits (B, 1, V)
+        of the last position only, which is all that prefilling a prompt before decoding needs
+        (the LM head is the largest weight; hook_final_norm then sees the last position only).
         """
         ids = self.check_ids(ids)                                               # (B, T)
         B, T = ids.shape
@@ -62,6 +64,8 @@ class Model:
             x = hook(f"blocks.{l}.hook_resid_post", x + mlp_out)
         if kv_cache is not None:
             kv_cache.advance(T, rows)
+        if last_only:
+            x = x[:, -1:]                                                       # (B, 1, D)
         h = hook("hook_final_norm", rms_norm(x, self.final_norm, self.config.norm_eps))
         return linear(h, self.lm_head)                                          # (B, T, V)
 

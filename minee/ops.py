@@ -8,9 +8,23 @@ import math
 import numpy as np
 
 
+GEMM_MIN_ROWS = 4       # from this many rows on, one GEMM beats a GEMV per row (bench/README.md)
+
+
 def linear(x, weight, bias=None):
-    """x (..., in) @ weight.T, weight (out, in) as stored in the checkpoint -> (..., out)."""
-    y = x @ weight.T
+    """x (..., in) @ weight.T, weight (out, in) as stored in the checkpoint -> (..., out).
+
+    Every leading position is a row (M of them). A matrix-vector product (GEMV) streams the weight
+    once per row; one matrix-matrix product (GEMM) reads it once for all rows, but BLAS first
+    copies it into cache-sized blocks, which costs about as much as streaming it two or three
+    times more. So fewer than GEMM_MIN_ROWS rows run as one GEMV each, and more as one GEMM,
+    written weight @ rows.T: the faster form with few rows (measured per shape in bench/README.md).
+    """
+    if x.size < GEMM_MIN_ROWS * x.shape[-1]:                       # M < GEMM_MIN_ROWS
+        y = (x[..., None, :] @ weight.T)[..., 0, :]                # (..., out): NumPy runs one GEMV per row
+    else:
+        rows = x.reshape(-1, x.shape[-1])                          # (M, in)
+        y = (weight @ rows.T).T.reshape(*x.shape[:-1], -1)         # one GEMM (M, out) -> (..., out)
     return y if bias is None else y + bias
 
 

@@ -242,6 +242,19 @@ def test_uneven_chunks_equal_full_forward(gqa):
     assert rel_err(np.concatenate(chunks, axis=1), full) <= CACHE_TOL
 
 
+def test_last_only_gives_the_last_positions_logits_and_the_same_cache(gqa):
+    """Prefilling with last_only=True: logits (B, 1, V) of the last position, the same cache."""
+    model, _, _ = gqa
+    ids = random_ids(BASE["vocab_size"], (2, 9), seed=8)
+    kv_all, kv_last = model.new_kv_cache(2, 12), model.new_kv_cache(2, 12)
+    full = model.forward(ids, kv_cache=kv_all)
+    last = model.forward(ids, kv_cache=kv_last, last_only=True)
+    assert last.shape == (2, 1, BASE["vocab_size"])
+    assert rel_err(last, full[:, -1:]) <= CACHE_TOL
+    np.testing.assert_array_equal(kv_last.keys, kv_all.keys)
+    assert kv_last.lengths.tolist() == kv_all.lengths.tolist() == [9, 9]
+
+
 def test_batched_cache_equals_each_row_alone(gqa):
     model, _, _ = gqa
     ids = random_ids(BASE["vocab_size"], (2, 20), seed=5)
