@@ -77,7 +77,7 @@ def _group_result(fn, model, group, shared):
 def _on_workers(fn, model, groups, group, shared, n_jobs):
     """The groups' results from joblib workers, in order; a dead worker is a WorkerError."""
     from joblib import Parallel, delayed
-    source, expected = worker_source(model), fingerprint(model)
+    source, expected = _worker_source(model), fingerprint(model)
     tasks = (delayed(_in_worker)(fn, source, expected, i * group, g, *shared) for i, g in enumerate(groups))
     done = 0
     try:
@@ -100,7 +100,7 @@ def _death_errors():
     return (BrokenExecutor, CancelledError) + ((dask.KilledWorker,) if dask else ())
 
 
-def worker_source(model):
+def _worker_source(model):
     """What a worker loads: the model's directory as an absolute path, or its known name."""
     if model.source is None:
         raise ValueError("workers load the model themselves from its directory, but this model was "
@@ -120,10 +120,10 @@ def _in_worker(fn, source, expected, first, group, *shared):
     """One group of windows, in a worker: the model is loaded on the first call and kept."""
     if os.environ.get(KILL_HOOK) == str(first):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _group_result(fn, worker_model(source, expected), group, shared)
+    return _group_result(fn, _worker_model(source, expected), group, shared)
 
 
-def worker_model(source, expected):
+def _worker_model(source, expected):
     """The model at `source`, loaded once per process with 1 BLAS thread, checked to have the
     fingerprint `expected` (a worker on another machine may find another model at that path)."""
     with _loading:
