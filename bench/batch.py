@@ -290,7 +290,7 @@ def markdown(res):
                       "= what ran for the token; LM heads = vocabulary projections):", "",
                   "| gate | layers used | blocks computed | LM heads |", "|---|---:|---:|---:|"]
         for k, st in t["sweep"][-1]["exit_stats"].items():
-            lines.append(f"| `{k}` | {st['mean_layers_used']:.1f} | {st['mean_blocks_computed']:.1f} | "
+            lines.append(f"| `{k}` | {st['mean_exit_depth']:.1f} | {st['mean_blocks_computed']:.1f} | "
                          f"{st['lm_head_calls_per_token']:.1f} |")
         q = t.get("queue")
         if q:

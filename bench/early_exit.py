@@ -2,8 +2,8 @@
 
 For every gate setting and KV fill strategy, generates --new-tokens greedy tokens for each prompt
 in bench/prompts.txt and reports: token agreement with plain greedy decoding (position by
-position), the full model's NLL of the generated text, mean layers used, LM-head calls per
-token, and the measured decode speedup over plain decoding (same process, same threads, the
+position), the full model's NLL of the generated text, mean exit depth and blocks computed, LM-head
+calls per token, and the measured decode speedup over plain decoding (same process, same threads, the
 plain baseline timed at the start, middle and end and its median used).
 
 The oracle row is the ceiling for exit without extra heads: every token exits exactly at its
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 # Gate sweeps. SmolLM2 ties its embedding and LM head, so at the first points the lens
 # "predicts" the input token with ~100% confidence: logit gates need a min_point. Checking the
 # vocabulary costs about 8 layers, so logit gates check only every other block output.
-LATE = ",min_point=41,attn_points=0,check_every=2"       # checks after blocks 20, 22, ..., 28
+LATE = ",min_point=41,attn_points=0,check_every=2"       # checks after blocks 21, 23, 25, 27
 SWEEP = (
     [f"confidence:{t}{LATE}" for t in (0.5, 0.7, 0.85, 0.95)]
     + [f"margin:{t}{LATE}" for t in (0.3, 0.5, 0.7, 0.9)]
@@ -146,11 +146,12 @@ def run(args):
         rows.append({"gate": spec, "kv": kv_mode, "agreement": float(agree), "identical_prefix": float(prefix),
                      "decode_s": secs,
                      "nll": float(np.mean(nlls)),
-                     "mean_layers_used": float(np.mean([s["mean_layers_used"] for s in stats])),
+                     "mean_exit_depth": float(np.mean([s["mean_exit_depth"] for s in stats])),
+                     "mean_blocks_computed": float(np.mean([s["mean_blocks_computed"] for s in stats])),
                      "lm_head_calls_per_token": float(np.mean([s["lm_head_calls_per_token"] for s in stats])),
                      "flops_per_token": float(np.mean([s["flops_per_token"] for s in stats]))})
         print(f"[{i + 1}/{len(configs)}] {spec} kv={kv_mode}: agreement {agree:.3f}, "
-              f"layers {rows[-1]['mean_layers_used']:.1f}", file=sys.stderr)
+              f"exit depth {rows[-1]['mean_exit_depth']:.1f}", file=sys.stderr)
     base_runs.append(baseline())
 
     plain_s = float(np.median([sum(s for _, s in run_) for run_ in base_runs]))
@@ -165,7 +166,8 @@ def run(args):
         all_p = np.concatenate(points)
         oracle.append({"gate": "oracle (replay)", "kv": kv_mode, "agreement": 1.0, "identical_prefix": 1.0,
                        "decode_s": secs,
-                       "nll": plain_nll, "mean_layers_used": float(((all_p + 1) / 2).mean()),
+                       "nll": plain_nll, "mean_exit_depth": float(((all_p + 1) / 2).mean()),
+                       "mean_blocks_computed": float(((all_p + 1) / 2).mean()),   # replayed fixed exits
                        "lm_head_calls_per_token": 1.0, "speedup": plain_s / secs,
                        "share_needing_last_point": float((all_p == 2 * L - 1).mean())})
     return {"model": args.model, "date": time.strftime("%Y-%m-%d"), "threads": args.threads,
@@ -178,11 +180,12 @@ def run(args):
 def table(res):
     lines = [f"Plain decoding: {res['plain_decode_s']:.2f} s for {res['prompts']} x {res['new_tokens']} tokens "
              f"(runs {', '.join(f'{s:.2f}' for s in res['plain_decode_s_runs'])}), NLL {res['plain_nll']:.3f}",
-             "", "| gate | kv | agreement | identical prefix | full-model NLL | layers used | LM-head calls/token | speedup |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| gate | kv | agreement | identical prefix | full-model NLL | exit depth | blocks computed | "
+             "LM-head calls/token | speedup |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["oracle"] + sorted(res["rows"], key=lambda r: -r["agreement"]):
         lines.append(f"| `{r['gate']}` | {r['kv']} | {r['agreement']:.3f} | {r['identical_prefix']:.3f} | {r['nll']:.3f} | "
-                     f"{r['mean_layers_used']:.1f} | {r['lm_head_calls_per_token']:.1f} | {r['speedup']:.2f}x |")
+                     f"{r['mean_exit_depth']:.1f} | {r['mean_blocks_computed']:.1f} | {r['lm_head_calls_per_token']:.1f} | "
+                     f"{r['speedup']:.2f}x |")
     u = res["unit_costs_s"]
     lines += ["", f"Unit costs at decode (median): attention sub-layer {u['attn'] * 1e6:.0f} us, FFN sub-layer "
               f"{u['mlp'] * 1e6:.0f} us, LM head {u['lm_head'] * 1e6:.0f} us, plain forward {u['forward'] * 1e3:.1f} ms"]

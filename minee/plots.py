@@ -15,8 +15,14 @@ METRIC_TITLES = {
 }
 
 
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def _cell_text(s, width=8):
-    s = s.replace("\n", "\\n").replace("\t", "\\t")
+    """A token as a short visible label: control characters escaped, a token of only spaces as ␣."""
+    s = "".join(_ESCAPES.get(c, c) for c in s)
+    if not s.strip():
+        s = "".join("␣" if c == " " else f"\\u{ord(c):04x}" for c in s) or "∅"
     return s if len(s) <= width else s[:width - 1] + "…"
 
 
@@ -29,13 +35,14 @@ def plot_lens(result, tokenizer, metric="entropy", points=None, out=None, shortc
     results = [result] + ([shortcut] if shortcut is not None else [])
     values = [r.metrics[metric][points] for r in results]                 # (p, T) each
     n_rows, n_cols = values[0].shape
-    fig, axes = plt.subplots(1, len(results), squeeze=False, sharey=True,
-                             figsize=(1.0 + 0.85 * n_cols * len(results), 1.5 + 0.24 * n_rows))
+    fig, axes = plt.subplots(1, len(results), squeeze=False, sharey=True,     # wide and tall enough for the titles
+                             figsize=(max(6.5, 1.6 + 0.85 * n_cols) * len(results), 1.8 + 0.24 * n_rows))
     cmap = "viridis_r" if metric in ("entropy", "kl", "final_rank") else "viridis"
     vmin, vmax = min(v.min() for v in values), max(v.max() for v in values)
     for ax, r, v in zip(axes[0], results, values):
         im = _lens_panel(ax, r, tokenizer, v, points, cmap, vmin, vmax)
-        ax.set_title(f"{r.shortcut or 'plain lens'}: top-1 token, coloured by {metric}", fontsize=10)
+        ax.set_title(f"{r.shortcut or 'plain lens'}: the top-1 token at every exit point\n"
+                     f"coloured by {METRIC_TITLES.get(metric, metric)}", fontsize=10)
     axes[0, 0].set_yticks(range(n_rows), [point_label(p) for p in points], fontsize=7)
     axes[0, 0].set_ylabel("exit point (block.sub-layer)")
     fig.colorbar(im, ax=axes[0, -1], fraction=0.025, pad=0.01, label=METRIC_TITLES.get(metric, metric))
@@ -131,19 +138,19 @@ def _sweep(row):
     return head.split(":")[0] + ("," + options if options else "")
 
 
-def plot_gate_pareto(rows, out=None, title="Gates: exit error vs layers used (teacher-forced)", shortcut=None):
+def plot_gate_pareto(rows, out=None, title="Gates: exit error vs exit depth (teacher-forced)", shortcut=None):
     """One line per gate kind over its threshold sweep; the oracle as a star (E2, E6).
     shortcut: the same kind of rows for gates reading a shortcut, drawn dashed."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for rows_, style, suffix, key in ((rows, "-", "", _kind), (shortcut or [], "--", " + shortcut", _sweep)):
         for i, kind in enumerate(dict.fromkeys(key(r) for r in rows_)):
-            pts = sorted((r["mean_layers_used"], r["exit_error"]) for r in rows_ if key(r) == kind)
+            pts = sorted((r["mean_exit_depth"], r["exit_error"]) for r in rows_ if key(r) == kind)
             if kind == "oracle":
                 ax.scatter(*zip(*pts), marker="*" if not suffix else "P", s=200, color="black",
                            label="oracle" + suffix, zorder=3)
             else:
                 ax.plot(*zip(*pts), style, marker="o", ms=4, color=f"C{i}", label=kind + suffix)
-    ax.set_xlabel("mean layers used (of the block count)")
+    ax.set_xlabel("mean exit depth (blocks)")
     ax.set_ylabel("exit error: exit top-1 != final top-1")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -196,6 +203,34 @@ def plot_generation(e5, out=None):
         ax.set_xlabel("generated position")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"share of {e5['prompts']} prompts")
-    axes[0].legend()
-    fig.suptitle(f"Generation with gate {e5['gate']}", fontsize=10)
+    axes[0].set_ylim(-0.05, 1.05)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(KV_MODES), fontsize=9)
+    fig.suptitle(f"Generation with gate {e5['gate']}: {e5['prompts']} prompts x {e5['new_tokens']} tokens",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))                         # the legend sits below the panels
+    if out:
+        fig.savefig(out, dpi=110)
+    return fig
+
+
+def plot_trajectory(traj, tokenizer=None, out=None):
+    """Rank and probability of the chosen tokens at every exit point (lens.token_trajectory)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    x = np.arange(traj.rank.shape[1])
+    for k, token in enumerate(traj.tokens):
+        name = repr(tokenizer.decode([token])) if tokenizer else f"id {token}"
+        axes[0].plot(x, traj.rank[k] + 1, marker=".", lw=1, label=name)
+        axes[1].plot(x, traj.prob[k], marker=".", lw=1, label=name)
+    axes[0].set_yscale("log")
+    axes[0].invert_yaxis()                                         # rank 1 on top
+    axes[0].set_ylabel("rank in the lens distribution (1 = top-1)")
+    axes[1].set_ylabel("probability in the lens distribution")
+    ticks = list(range(1, len(x), max(2, 2 * (len(x) // 20))))
+    for ax in axes:
+        ax.set_xticks(ticks, [point_label(p) for p in ticks], rotation=45, fontsize=8)
+        ax.set_xlabel("exit point")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=9)
+    after = repr(tokenizer.decode([traj.ids[traj.position]])) if tokenizer else f"id {traj.ids[traj.position]}"
+    fig.suptitle(f"Lens trajectories at position {traj.position} (after {after})", fontsize=10)
     return _save(fig, out)

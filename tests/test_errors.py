@@ -219,7 +219,8 @@ def test_kv_cache_overflow_on_decode_leaves_cache_usable(model):
         model.forward([5, 6], kv_cache=kv)
     assert kv.length == 4
     last = model.forward([5], kv_cache=kv)                   # the cache still works after the error
-    np.testing.assert_allclose(last[0, -1], model.forward([1, 2, 3, 4, 5])[0, -1], rtol=0, atol=1e-5)
+    full = model.forward([1, 2, 3, 4, 5])[0, -1]
+    assert np.abs(last[0, -1] - full).max() <= 1e-5 * np.abs(full).max()
 
 
 def test_kv_cache_batch_mismatch(model):

@@ -251,3 +251,43 @@ def test_cli_subprocess_missing_model_is_a_clean_error(tmp_path):
     assert "Traceback" not in proc.stderr
     assert str(missing) in proc.stderr
     assert proc.stdout == ""
+
+
+# ------------------------------------------------------------------ a batch of ids, streaming to the end
+
+def test_a_batch_of_id_rows_is_refused_not_cut_to_its_first_row(tiny):
+    _, _, model = tiny
+    with pytest.raises(ValueError) as e:
+        minee.generate(model, [[1, 2, 3], [4, 5, 6]], 3)
+    assert "2 rows" in str(e.value) and "generate_batch" in str(e.value)
+    assert minee.generate(model, [[1, 2, 3]], 3).tokens == minee.generate(model, [1, 2, 3], 3).tokens
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    """A random model with a byte-level tokenizer: its text often ends inside a UTF-8 character."""
+    import weights_tool
+    path = tmp_path_factory.mktemp("byte_gen")
+    weights_tool.make_random_model(path, layers=2, d_model=32, heads=4, kv_heads=2, ffn=64, vocab=256, std=0.4)
+    return minee.load(path)
+
+
+def test_text_stream_sends_the_held_back_tail(byte_model):
+    from minee.generate import TextStream
+    tok = byte_model.tokenizer
+    first_byte = tok.encode("é")[0]                    # "é" is two bytes, two tokens in a byte-level vocabulary
+    stream = TextStream(tok)
+    assert stream.push(first_byte) == ""               # held back: half a character
+    assert stream.finish() == tok.decode([first_byte]) == "\ufffd"
+
+
+def test_streamed_text_equals_the_text(byte_model):
+    """For every length, the pieces on_text receives add up to Generation.text, also when the
+    generation stops in the middle of a multi-byte character."""
+    cut_mid_character = 0
+    for n in range(1, 25):
+        pieces = []
+        out = minee.generate(byte_model, "héllo", n, on_text=pieces.append)
+        assert "".join(pieces) == out.text, n
+        cut_mid_character += out.text.endswith("\ufffd")
+    assert cut_mid_character > 0                        # the case that lost text before

@@ -194,7 +194,7 @@ def test_lens_result_matches_torch(pair, store):
     # the last point is the model itself
     m = res.metrics
     assert (m["agree"][-1] == 1).all() and (m["final_rank"][-1] == 0).all()
-    assert np.abs(m["kl"][-1]).max() < 1e-5
+    assert np.abs(m["kl"][-1]).max() <= 1e-5 * np.log(model.config.vocab_size)   # 0 up to rounding of log-probs
     assert np.isnan(m["accuracy"][:, -1]).all() and not np.isnan(m["accuracy"][:, :-1]).any()
 
 
@@ -371,6 +371,8 @@ def test_plot_lens_writes_a_readable_png(smol, store, hf_smollm2_tokenizer, tmp_
             for c in range(T):
                 t = texts[(c, r)]
                 want = tok.decode([int(res.top_ids[p, c, 0])])
+                if not want.strip(" "):
+                    want = "␣" * len(want)                          # a token of spaces is shown, not blank
                 if len(want) <= 7 and "\n" not in want:
                     assert t.get_text() == want, (p, c)
                 ext = t.get_window_extent(renderer)                 # readable: fits its cell
