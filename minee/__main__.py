@@ -1,5 +1,6 @@
 """Command line: python -m minee generate|lens ... (every command has --json)."""
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -11,6 +12,7 @@ import minee
 from minee.exits import KV_MODES
 from minee.generate import check_sampling
 from minee.hooks import point_label
+from minee.parallel import dask_cluster
 from minee.shortcuts import DEFAULT_RIDGE
 from minee.speculative import DEFAULT_K, draft_decoder
 from minee.threads import default_threads
@@ -255,7 +257,7 @@ def cmd_analyze(args):
     shortcut = load_shortcut(args, model)
     res = analyze(model, args.out, corpus=args.corpus, max_tokens=max_tokens, window=args.window,
                   gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens, progress=not args.json,
-                  reuse=args.reuse, skip_tokens=args.skip_tokens, shortcut=shortcut)
+                  reuse=args.reuse, skip_tokens=args.skip_tokens, shortcut=shortcut, workers=args.workers)
     if args.json:
         print(json.dumps(res))
         return
@@ -298,7 +300,7 @@ def cmd_train_gate(args):
         raise ValueError(f"--min-point must be an exit point from 0 to {P - 2} (the last point, {P - 1}, is the "
                          f"full model and never a candidate), got {min_point}")
     ids = corpus_ids(model.tokenizer, args.corpus, max_tokens, args.skip_tokens)
-    tf, ppl = teacher_forced(model, ids, window=args.window, progress=not args.json)
+    tf, ppl = teacher_forced(model, ids, window=args.window, progress=not args.json, workers=args.workers)
     feats, labels = gate_training_data(tf, np.arange(min_point, P - 1))
     params = train_learned_gate(feats, labels, threshold=args.threshold)
     save_learned_gate(params, args.out)
@@ -327,7 +329,7 @@ def cmd_shortcuts_fit(args):
     if args.kl_steps and (min(args.kl_batch, args.kl_tokens) < 1 or args.kl_lr <= 0 or not 0 <= first < P - 1):
         raise ValueError(f"--kl-batch and --kl-tokens must be >= 1, --kl-lr > 0 and --kl-min-point in "
                          f"0 .. {P - 2}")                 # checked before the fit, not after it
-    sc = fit(model, ids, ridge=args.ridge, window=args.window, progress=not args.json)
+    sc = fit(model, ids, ridge=args.ridge, window=args.window, progress=not args.json, workers=args.workers)
     if args.kl_steps:
         sc = refine(model, sc, ids, points=range(first, P - 1), steps=args.kl_steps, batch=args.kl_batch,
                     lr=args.kl_lr, tokens=args.kl_tokens, window=args.window, progress=not args.json)
@@ -408,6 +410,12 @@ def parser():
         cmd.add_argument("--skip-tokens", type=int, default=0,
                          help="start after this many corpus tokens (e.g. those shortcuts were fitted on)")
         cmd.add_argument("--window", type=int, default=256, help="tokens scored per forward pass (default 256)")
+        cmd.add_argument("--workers", type=int, default=None,
+                         help="processes computing windows side by side, each holding a copy of the model "
+                              "(default 1: none started; -1 = one per core)")
+        cmd.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
+                         help="compute the windows on the workers of this Dask cluster (e.g. tcp://host:8786; "
+                              "pip install minee[dask]); they need minee and the model at the same path")
 
     an = sub.add_parser("analyze", help="the paper's experiments E1-E6 over a corpus, to JSON + PNG")
     common(an)
@@ -458,15 +466,37 @@ def shortcut_option(cmd, what):
                      help=f"{what}; made by `python -m minee shortcuts fit`")
 
 
+def workers_backend(args):
+    """--workers checked (default 1; with --dask-scheduler, every worker of the cluster), and the
+    cluster's connection for the command to run in (a no-op without --dask-scheduler)."""
+    if "workers" not in args:
+        return contextlib.nullcontext()
+    if args.dask_scheduler is not None:
+        if args.workers is not None:
+            raise ValueError("--workers counts processes on this machine; with --dask-scheduler the "
+                             "cluster's workers compute the windows, so leave --workers out")
+        args.workers = -1
+        return dask_cluster(args.dask_scheduler)
+    if args.workers is None:
+        args.workers = 1
+    if args.workers < 1 and args.workers != -1:
+        raise ValueError(f"--workers must be >= 1, or -1 for every core; got {args.workers}")
+    return contextlib.nullcontext()
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
         minee.set_threads(default_threads() if args.threads is None else args.threads)
         args.threads = minee.get_threads()
-        args.run(args)
+        with workers_backend(args):
+            args.run(args)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         print(f"minee: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                       # Ctrl-C: joblib has already stopped any workers
+        print("minee: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

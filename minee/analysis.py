@@ -15,6 +15,8 @@ from .exits import (KV_MODES, Gate, cosine, default_min_point, first_match_point
                     stable_point, train_learned_gate)
 from .hooks import exit_point_names
 from .lens import log_softmax, point_chunks, point_logits, shortcut_label, windows
+from .parallel import map_windows
+from .shortcuts import Shortcuts
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 MODERN_PROSE = Path(__file__).parent / "data" / "modern_prose.txt"     # held-out text for shortcuts (E7)
@@ -74,32 +76,39 @@ def check_run_sizes(window, gen_prompts=None, gen_tokens=None):
         raise ValueError(f"gen_tokens (tokens generated per E5 prompt) must be >= 1, got {gen_tokens}")
 
 
-def teacher_forced(model, ids, window=256, context=128, progress=True, shortcut=None):
+def teacher_forced(model, ids, window=256, context=128, progress=True, shortcut=None, workers=1):
     """Tabulate every exit point over the corpus ids, `window` scored tokens at a time.
 
     Each window is preceded by up to `context` earlier tokens that the model sees but that are
     not scored, so no prediction is made from a cut-off context. shortcut: decode every point
-    through these shortcuts (minee.shortcuts) instead of plainly. Returns (table, perplexity).
+    through these shortcuts (minee.shortcuts) instead of plainly. workers: processes computing
+    windows side by side (minee.parallel; the same table). Returns (table, perplexity).
     """
     if shortcut is not None:
         shortcut.check_model(model)
-    from tqdm.auto import tqdm
-    names = ["hook_embed"] + exit_point_names(model.config.n_layers)
-    parts, nll = [], []
-    for begin, s, end in tqdm(windows(len(ids) - 1, window, context), desc="teacher-forced", unit="window",
-                              disable=not progress):                  # every position with a next token
-        logits, acts = model.run_with_cache(ids[None, begin:end], names=names)
-        scored = slice(s - begin, end - begin)                             # positions s .. end-1
-        states = np.stack([acts[n][0, scored] for n in names])             # (1 + P, T, D)
-        logq = log_softmax(logits[0, scored])                              # (T, V) final
-        targets = ids[s + 1:end + 1]
-        nll.append(-logq[np.arange(len(targets)), targets])
-        part = _window_table(model, states[1:], logq, shortcut)
-        part["cosine"] = cosine(states[1:], states[:-1])
-        part["targets"], part["inputs"] = targets, ids[s:end]
-        parts.append(part)
+    maps = () if shortcut is None else (shortcut.weight, shortcut.bias)       # arrays travel once per worker
+    spans = windows(len(ids) - 1, window, context)                          # every position with a next token
+    parts = list(map_windows(window_part, model, spans, np.asarray(ids), *maps, workers=workers,
+                             desc="teacher-forced", progress=progress))
+    nll = np.concatenate([p.pop("nll") for p in parts])
     table = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
-    return TeacherForced(**table), float(np.exp(np.concatenate(nll).mean()))
+    return TeacherForced(**table), float(np.exp(nll.mean()))
+
+
+def window_part(model, begin, s, end, ids, *maps):
+    """One window's columns of the table, and the NLL of its targets: scored positions s .. end-1,
+    seen after positions begin .. s-1. maps: a shortcut's (weight, bias), or nothing."""
+    names = ["hook_embed"] + exit_point_names(model.config.n_layers)
+    logits, acts = model.run_with_cache(ids[None, begin:end], names=names)
+    scored = slice(s - begin, end - begin)                                 # positions s .. end-1
+    states = np.stack([acts[n][0, scored] for n in names])                 # (1 + P, T, D)
+    logq = log_softmax(logits[0, scored])                                  # (T, V) final
+    targets = ids[s + 1:end + 1]
+    part = _window_table(model, states[1:], logq, Shortcuts(*maps) if maps else None)
+    part["cosine"] = cosine(states[1:], states[:-1])
+    part["targets"], part["inputs"] = targets, ids[s:end]
+    part["nll"] = -logq[np.arange(len(targets)), targets]
+    return part
 
 
 def _window_table(model, states, logq, shortcut=None):
@@ -327,14 +336,15 @@ def e6_learned(tf, min_point=None, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
 # ------------------------------------------------------------------ everything, to files
 
 def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompts=None, gen_tokens=None,
-            gen_gate="oracle", progress=True, reuse=False, skip_tokens=0, shortcut=None):
+            gen_gate="oracle", progress=True, reuse=False, skip_tokens=0, shortcut=None, workers=1):
     """Run E1-E6 on the corpus and write analysis.json, one PNG per experiment and the
     teacher-forced table (teacher_forced.npz) into out_dir. The corpus tokens are the first
     max_tokens (None = all) after skip_tokens. gen_prompts x gen_tokens: E5's generation (None =
     scaled with the tokens, see e5_size; 0 prompts skips E5). reuse: take the table from a
     previous run in out_dir if it was made from the same tokens and window. shortcut
     (minee.shortcuts): also run E1, E2 and E5 through it (res["shortcut"]); the figures then show
-    both side by side. Every stage shows a progress bar (progress=True)."""
+    both side by side. workers: processes computing the teacher-forced windows side by side
+    (minee.parallel; E5's generation stays here). Every stage shows a progress bar (progress=True)."""
     import json
 
     from tqdm.auto import tqdm
@@ -345,7 +355,7 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
     gen_prompts, gen_tokens = e5_size(len(ids), gen_prompts, gen_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tf, ppl = cached_table(model, out / "teacher_forced.npz", ids, window, reuse, progress)
+    tf, ppl = cached_table(model, out / "teacher_forced.npz", ids, window, reuse, progress, workers=workers)
     P = tf.top1.shape[0]
     gates = default_gate_sweep(P)
     e3_gates = [g for g in gates if str(g) in (str(Gate("confidence", 0.9, min_point=default_min_point(P))), "oracle")]
@@ -363,7 +373,8 @@ def analyze(model, out_dir, corpus=None, max_tokens=4096, window=256, gen_prompt
         res[name] = experiments[name]()
     res["e5"] = e5_generation(model, prompts, gen_tokens, gen_gate, progress=progress) if gen_prompts else None
     if shortcut is not None:
-        tf_sc, _ = cached_table(model, out / "teacher_forced_shortcut.npz", ids, window, reuse, progress, shortcut)
+        tf_sc, _ = cached_table(model, out / "teacher_forced_shortcut.npz", ids, window, reuse, progress, shortcut,
+                                workers)
         res["shortcut"] = {
             "label": shortcut_label(shortcut), "meta": shortcut.meta,
             "e1": e1_natural(tf_sc, ppl),
@@ -408,13 +419,13 @@ def shortcut_gate_sweep(n_points):
     return list({str(g): g for g in gates}.values())
 
 
-def cached_table(model, path, ids, window, reuse, progress, shortcut=None):
+def cached_table(model, path, ids, window, reuse, progress, shortcut=None, workers=1):
     """teacher_forced() of ids, read from `path` if reuse and it was saved for the same ids, window
     and shortcut (written there otherwise). Returns (table, perplexity)."""
     key = "plain" if shortcut is None else shortcut.digest()
     tf, ppl = load_table(path, ids, window, 2 * model.config.n_layers, key) if reuse else (None, None)
     if tf is None:
-        tf, ppl = teacher_forced(model, ids, window=window, progress=progress, shortcut=shortcut)
+        tf, ppl = teacher_forced(model, ids, window=window, progress=progress, shortcut=shortcut, workers=workers)
         save_table(path, tf, ppl, ids, window, key)
     return tf, ppl
 

@@ -11,13 +11,16 @@ D x D product per decoded state, a small fraction of a block (Din et al. 2023, "
 Conclusions"; the tuned lens of Belrose et al. 2023 trains the same maps on KL).
 
 Fitting is least squares in closed form, accumulated in float64 window by window
-(`window_sums`, summed in any order, then `solve`), so memory does not grow with the corpus.
-`refine` then takes a few Adam steps on the KL divergence to the model's final distribution,
-started from the least-squares solution. The last point's map is the identity, and any point
+(`window_sums`, summed in any order, then `solve`), so memory does not grow with the corpus and
+the windows can be summed on worker processes (minee.parallel). `refine` then takes a few Adam
+steps on the KL divergence to the model's final distribution, started from the least-squares
+solution, in this process. The last point's map is the identity, and any point
 that was not fitted keeps the identity too: through it, the shortcut lens is the plain lens.
 """
+import functools
 import hashlib
 import json
+import operator
 import zipfile
 from dataclasses import dataclass, field
 
@@ -25,10 +28,13 @@ import numpy as np
 
 from .hooks import exit_point_names
 from .lens import windows
+from .loading import fingerprint
 from .ops import softmax
+from .parallel import map_windows
 
 METHODS = ("lstsq", "kl")                 # least squares; least squares refined on KL
 DEFAULT_RIDGE = 1e-3
+SUM_GROUP = 4       # windows summed per worker task: each sum is (K, D, D) x 2 float64, 313 MB for SmolLM2
 
 
 class ShortcutsError(ValueError):
@@ -80,19 +86,6 @@ def identity(model):
             np.zeros((P, D), np.float32))
 
 
-def fingerprint(model):
-    """A short hash of every weight tensor's name, shape and first and last values.
-
-    Cheap (milliseconds) but different for any other checkpoint, fine-tunes included, so
-    shortcuts fitted on one model are never silently applied to another."""
-    h = hashlib.sha256()
-    for name in sorted(model.params):
-        flat = model.params[name].reshape(-1)
-        h.update(f"{name}:{model.params[name].shape}:{flat.dtype};".encode())
-        h.update(flat[:256].tobytes() + flat[-256:].tobytes())
-    return h.hexdigest()[:16]
-
-
 # ------------------------------------------------------------------ least squares, window by window
 
 @dataclass
@@ -121,7 +114,7 @@ def state_sums(states, last, points):
                 np.matmul(X.transpose(0, 2, 1), X), np.matmul(X.transpose(0, 2, 1), Y))
 
 
-def window_states(model, ids, begin, start, end, points):
+def window_states(model, begin, start, end, ids, points):
     """One teacher-forced window (see lens.windows): the model runs ids[begin:end]; returns the
     states of tokens start .. end-1 at `points` (K, T, D) and their last states (T, D)."""
     names = exit_point_names(model.config.n_layers)
@@ -131,9 +124,9 @@ def window_states(model, ids, begin, start, end, points):
     return np.stack([acts[names[p]][0, scored] for p in points]), acts[names[-1]][0, scored]
 
 
-def window_sums(model, ids, begin, start, end, points):
+def window_sums(model, begin, start, end, ids, points):
     """Sums of one teacher-forced window; windows' sums add up in any order."""
-    return state_sums(*window_states(model, ids, begin, start, end, points), points)
+    return state_sums(*window_states(model, begin, start, end, ids, points), points)
 
 
 def solve(sums, ridge=DEFAULT_RIDGE):
@@ -166,20 +159,20 @@ def solve(sums, ridge=DEFAULT_RIDGE):
     return np.array(weights, np.float32), np.array(biases, np.float32)
 
 
-def fit(model, ids, points=None, ridge=DEFAULT_RIDGE, window=256, context=128, progress=True):
+def fit(model, ids, points=None, ridge=DEFAULT_RIDGE, window=256, context=128, progress=True, workers=1):
     """Least-squares shortcuts for exit points (default: all), fitted on the token ids (N,).
 
     Teacher-forced in windows of `window` counted tokens, each after up to `context` tokens the
-    model sees but that are not counted. Points not fitted (and the last) keep the identity."""
-    from tqdm.auto import tqdm
+    model sees but that are not counted. Points not fitted (and the last) keep the identity.
+    workers: processes summing windows side by side (minee.parallel); the sums of SUM_GROUP
+    consecutive windows are added where they are computed, then the groups' sums in order, with
+    any number of workers, so the maps are the same."""
     ids = _one_sequence(model, ids)
     P = 2 * model.config.n_layers
     points = _check_points(range(P - 1) if points is None else points, P)
-    sums = None
-    for begin, start, end in tqdm(windows(len(ids), window, context), desc="fit shortcuts",
-                                  unit="window", disable=not progress):
-        part = window_sums(model, ids, begin, start, end, points)
-        sums = part if sums is None else sums + part
+    groups = map_windows(window_sums, model, windows(len(ids), window, context), ids, points,
+                         workers=workers, group=SUM_GROUP, desc="fit shortcuts", progress=progress)
+    sums = functools.reduce(operator.add, groups)
     weight, bias = identity(model)
     weight[points], bias[points] = solve(sums, ridge)
     meta = {"fingerprint": fingerprint(model), "model": str(model.source), "tokens": int(sums.n),
@@ -246,7 +239,7 @@ def refine(model, sc, ids, points=None, steps=100, batch=64, lr=3e-4, tokens=409
     states, last = [], []
     for begin, start, end in tqdm([spans[i] for i in keep], desc="KL states", unit="window",
                                   disable=not progress):
-        x, y = window_states(model, ids, begin, start, end, points)          # (K, T, D), (T, D)
+        x, y = window_states(model, begin, start, end, ids, points)          # (K, T, D), (T, D)
         states.append(x)
         last.append(y)
     states, last = np.concatenate(states, axis=1), np.concatenate(last)       # (K, N, D), (N, D)

@@ -1,0 +1,164 @@
+"""Teacher-forced windows on worker processes (minee/parallel.py): joblib's loky processes and a
+real Dask cluster give the same files as the loop in one process, bit for bit; a worker that dies
+is a clear error within a bounded time; workers refuse a model they cannot load again."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minee
+import weights_tool
+from minee import analysis, parallel
+from minee.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ANALYZE = ["--max-tokens", "200", "--window", "50", "--gen-prompts", "0"]        # 4 windows of the tiny model
+BOUND_S = 120                                                                    # a dead worker is reported by then
+
+
+def analyze_cli(model_dir, out, *extra):
+    return main(["analyze", "--model", str(model_dir), "--out", str(out), *ANALYZE, *extra])
+
+
+@pytest.fixture(scope="module")
+def serial(tiny_with_tokenizer, tmp_path_factory):
+    """The tiny model's analysis computed in this process (--workers 1, the default)."""
+    out = tmp_path_factory.mktemp("serial")
+    assert analyze_cli(tiny_with_tokenizer, out, "--json") == 0
+    return out
+
+
+def assert_same_files(a, b):
+    """analysis.json byte for byte, and every array of the teacher-forced table."""
+    assert (a / "analysis.json").read_bytes() == (b / "analysis.json").read_bytes()
+    with np.load(a / "teacher_forced.npz") as za, np.load(b / "teacher_forced.npz") as zb:
+        assert sorted(za.files) == sorted(zb.files)
+        for k in za.files:
+            assert za[k].dtype == zb[k].dtype and np.array_equal(za[k], zb[k]), k
+
+
+def test_analyze_smollm2_with_2_workers_writes_the_same_files(smollm2_dir, tmp_path):
+    """First in the file: a loky worker that grows by more than 300 MB after its first task is
+    replaced (when psutil is installed), so workers that had loaded a tiny model would load SmolLM2
+    twice (slower, the same result)."""
+    run = ["--max-tokens", "25", "--window", "12", "--gen-prompts", "0", "--json"]   # 2 windows
+    for workers, out in (("1", tmp_path / "w1"), ("2", tmp_path / "w2")):
+        assert main(["analyze", "--model", str(smollm2_dir), "--out", str(out), *run, "--workers", workers]) == 0
+    assert_same_files(tmp_path / "w1", tmp_path / "w2")
+
+
+def test_analyze_with_2_workers_writes_the_same_files(tiny_with_tokenizer, serial, tmp_path, capsys):
+    assert analyze_cli(tiny_with_tokenizer, tmp_path, "--workers", "2") == 0
+    assert_same_files(serial, tmp_path)
+    bar = capsys.readouterr().err
+    assert "teacher-forced: 100%" in bar and "4/4" in bar                # the bar counted every window
+
+
+def test_shortcut_fit_and_train_gate_are_the_same_with_2_workers(tiny_with_tokenizer, tmp_path, capsys):
+    model = minee.load(tiny_with_tokenizer)
+    ids = analysis.corpus_ids(model.tokenizer, max_tokens=200)
+    one = minee.shortcuts.fit(model, ids, window=16, progress=False)                   # 13 windows, 4 groups
+    two = minee.shortcuts.fit(model, ids, window=16, progress=False, workers=2)
+    assert np.array_equal(one.weight, two.weight) and np.array_equal(one.bias, two.bias)
+    assert one.meta == two.meta
+    gates = []
+    for workers in ("1", "2"):
+        gates.append(tmp_path / f"gate{workers}.json")
+        assert main(["train-gate", "--model", str(tiny_with_tokenizer), "--out", str(gates[-1]), "--max-tokens",
+                     "120", "--window", "30", "--workers", workers, "--json"]) == 0
+    assert gates[0].read_bytes() == gates[1].read_bytes()
+
+
+def test_analyze_through_a_dask_cluster_writes_the_same_files(tiny_with_tokenizer, serial, tmp_path):
+    distributed = pytest.importorskip("distributed")             # requirements-test.txt installs it
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+        assert analyze_cli(tiny_with_tokenizer, tmp_path, "--dask-scheduler", cluster.scheduler_address,
+                           "--json") == 0
+        loaded = client.run(lambda: [source for source, _ in parallel._loaded])        # address -> models
+    assert_same_files(serial, tmp_path)
+    assert str(tiny_with_tokenizer) in sum(loaded.values(), [])       # the windows ran on the cluster's workers
+
+
+def run_cli_killing_window(args, hook_env, timeout=BOUND_S):
+    """Run the CLI in a fresh process whose workers see `hook_env`; (return code, stderr, seconds)."""
+    env = {**os.environ, **hook_env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    start = time.time()
+    r = subprocess.run([sys.executable, "-m", "minee", *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    return r.returncode, r.stderr, time.time() - start
+
+
+def test_a_killed_worker_is_a_clear_error_naming_the_window(tiny_with_tokenizer, tmp_path):
+    code, err, seconds = run_cli_killing_window(
+        ["analyze", "--model", str(tiny_with_tokenizer), "--out", str(tmp_path), *ANALYZE, "--workers", "2"],
+        {parallel.KILL_HOOK: "2"})                              # the worker given window index 2 dies
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and seconds < BOUND_S
+    assert last.startswith("minee: error: a worker process died") and "window" in last and "positions" in last
+    assert "Traceback" not in err
+
+
+def test_a_killed_dask_worker_is_a_clear_error(tiny_with_tokenizer, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  env={parallel.KILL_HOOK: "2"}, silence_logs=50) as cluster:
+        code, err, seconds = run_cli_killing_window(
+            ["analyze", "--model", str(tiny_with_tokenizer), "--out", str(tmp_path), *ANALYZE,
+             "--dask-scheduler", cluster.scheduler_address], {})
+    assert code == 2 and seconds < BOUND_S
+    assert err.strip().splitlines()[-1].startswith("minee: error: a worker process died")
+
+
+def test_one_worker_starts_no_process(tiny_with_tokenizer, monkeypatch):
+    import joblib
+    model = minee.load(tiny_with_tokenizer)
+    ids = analysis.corpus_ids(model.tokenizer, max_tokens=40)
+    monkeypatch.setattr(joblib, "Parallel", lambda *a, **k: pytest.fail("joblib was used"))
+    analysis.teacher_forced(model, ids, window=16, progress=False)                     # workers=1
+    with pytest.raises(pytest.fail.Exception, match="joblib was used"):
+        analysis.teacher_forced(model, ids, window=16, progress=False, workers=2)
+
+
+def test_workers_refuse_a_model_they_cannot_load_again(tiny_with_tokenizer, tmp_path):
+    model = minee.load(tiny_with_tokenizer)
+    ids = analysis.corpus_ids(model.tokenizer, max_tokens=40)
+    in_memory = minee.Model(model.config, model.params, model.tokenizer)                   # source None
+    with pytest.raises(ValueError, match="built in memory.*minee.load"):
+        analysis.teacher_forced(in_memory, ids, window=16, progress=False, workers=2)
+    # the directory now holds another model than the one loaded from it: the workers notice
+    path = tmp_path / "changed"
+    weights_tool.make_random_model(path, layers=2, d_model=16, heads=2, kv_heads=1, ffn=32, vocab=96, seed=1)
+    loaded = minee.load(path)
+    weights_tool.make_random_model(path, layers=2, d_model=16, heads=2, kv_heads=1, ffn=32, vocab=96, seed=2)
+    with pytest.raises(ValueError, match="found another model.*same model directory"):
+        analysis.teacher_forced(loaded, np.arange(40) % 96, window=16, progress=False, workers=2)
+
+
+@pytest.mark.parametrize("workers", [0, -2, 1.5])
+def test_bad_worker_counts_are_refused(tiny_with_tokenizer, workers):
+    model = minee.load(tiny_with_tokenizer)
+    with pytest.raises(ValueError, match="workers must be a whole number >= 1, or -1"):
+        analysis.teacher_forced(model, np.arange(40), window=16, progress=False, workers=workers)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers must be >= 1, or -1"),
+    (["--workers", "2", "--dask-scheduler", "tcp://127.0.0.1:1"], "leave --workers out"),
+])
+def test_cli_worker_errors_are_one_line(tiny_with_tokenizer, tmp_path, capsys, args, message):
+    assert analyze_cli(tiny_with_tokenizer, tmp_path / "out", *args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()                         # refused before anything was done
+
+
+def test_dask_scheduler_without_dask_installed_names_the_extra(tiny_with_tokenizer, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)          # as if `pip install minee[dask]` was not run
+    assert analyze_cli(tiny_with_tokenizer, tmp_path, "--dask-scheduler", "tcp://127.0.0.1:1") == 2
+    assert "pip install minee[dask]" in capsys.readouterr().err
