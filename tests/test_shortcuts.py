@@ -347,7 +347,7 @@ def test_cli_errors_are_one_line(tiny_with_tokenizer, tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     bad.write_text("not a zip")
     for argv, message in [
-        (["generate", "--prompt", "Hi", "--shortcut", str(bad)], "give an --exit gate"),
+        (["generate", "--prompt", "Hi", "--shortcut", str(bad)], "give an --exit or --speculative gate too"),
         (["lens", "--prompt", "Hi", "--shortcut", str(bad)], "not a .npz archive"),
         (["shortcuts", "fit", "--out", str(tmp_path / "no" / "sc.npz")], "directory does not exist"),
         (["shortcuts", "fit", "--out", str(tmp_path / "sc.npz"), "--ridge", "-1"], "--ridge"),

@@ -332,10 +332,10 @@ def test_streams_text_and_returns_a_generation(model):
     (dict(k=0), "k \\(tokens drafted per cycle\\) must be a whole number >= 1"),
     (dict(k=-2), "whole number >= 1"), (dict(k=1.5), "whole number >= 1"), (dict(k=True), "whole number >= 1"),
     (dict(draft="oracle"), "cannot draft"),
-    (dict(draft="fixed:8"), "out of range 0 .. 7"),
+    (dict(draft="fixed:8"), r"use fixed:0 \.\. fixed:7"),
     (dict(draft="sometimes"), "unknown gate"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(max_new_tokens=5000), "exceeds the model's context"),
 ])
 def test_errors_name_the_fix(model, kwargs, match):
@@ -400,8 +400,8 @@ def test_cli_with_a_shortcut(tiny_dir, tmp_path, capsys):
     (["--speculative", "fixed:5", "--k", "0"], "must be a whole number >= 1"),
     (["--k", "3"], "add --speculative DRAFT"),
     (["--speculative", "oracle"], "cannot draft"),
-    (["--speculative", "fixed:99"], "out of range"),
-    (["--speculative", "fixed:5", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--speculative", "fixed:99"], "beyond this model's last exit point; use fixed:0 .. fixed:7"),
+    (["--speculative", "fixed:5", "--temperature", "-1"], "temperature must be a finite number >= 0"),
 ])
 def test_cli_errors_before_any_output(tiny_dir, capsys, extra, match):
     rc = main(["generate", "--model", str(tiny_dir), "--prompt", words(PROMPTS[0])] + extra)
