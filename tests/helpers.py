@@ -1,6 +1,9 @@
-"""Shared by the tests: a random tiny LLaMA written by transformers, the reference minee must match."""
+"""Shared by the tests: a random tiny LLaMA written by transformers, the reference minee must match,
+and a tiny random minee model whose word-level tokenizer lets CLI tests choose the prompt's ids."""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+import weights_tool
 
 
 def random_llama(path, seed=0, std=0.1, head_std=None, bias_std=0.05, dtype=torch.float32,
@@ -22,3 +25,20 @@ def random_llama(path, seed=0, std=0.1, head_std=None, bias_std=0.05, dtype=torc
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.to(dtype).save_pretrained(path, **kwargs)
     return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def word_level_model(path):
+    """A tiny random model (4 blocks, vocab 120) written to `path` with a word-level tokenizer
+    ('w0' .. 'w119'), so a text prompt encodes to the ids chosen with words(); returns path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    weights_tool.make_random_model(path, layers=4, d_model=48, heads=4, kv_heads=2, ffn=96, vocab=120,
+                                   untied=True, std=0.15, seed=3)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(120)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def words(ids):
+    """The text word_level_model's tokenizer encodes to `ids`."""
+    return " ".join(f"w{i}" for i in ids)

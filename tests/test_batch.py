@@ -14,6 +14,7 @@ from minee.cache import consecutive
 from minee.exits import FEATURES, ExitDecoder, Gate, cosine, logit_features
 from minee.lens import log_softmax
 from minee.ops import GEMM_MIN_ROWS, linear
+from helpers import word_level_model, words
 
 
 @pytest.fixture(scope="module")
@@ -310,18 +311,7 @@ def test_cache_view_of_consecutive_rows_is_a_view():
 @pytest.fixture(scope="module")
 def tokenized(model, tmp_path_factory):
     """The tiny model's directory with a word-level tokenizer ('w0' .. 'w119')."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    path = tmp_path_factory.mktemp("tiny_batch_tok")
-    weights_tool.make_random_model(path, layers=4, d_model=48, heads=4, kv_heads=2, ffn=96, vocab=120,
-                                   untied=True, std=0.15, seed=3)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(120)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path / "tokenizer.json"))
-    return path
-
-
-def words(ids):
-    return " ".join(f"w{i}" for i in ids)
+    return word_level_model(tmp_path_factory.mktemp("tiny_batch_tok"))
 
 
 def test_cli_prompts_file_writes_one_json_line_per_prompt(tokenized, tmp_path, capsys):

@@ -22,6 +22,7 @@ from minee.exits import Gate
 from minee.hooks import point_name
 from minee.lens import log_softmax
 from minee.speculative import accept_greedy, draft_decoder, speculate, speculative_generate
+from helpers import word_level_model, words
 
 PROMPTS = [[5, 17, 99, 3, 42], [64, 2, 33]]
 N_NEW = 24
@@ -349,18 +350,7 @@ def test_errors_name_the_fix(model, kwargs, match):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny model directory with a word-level tokenizer ('w0' .. 'w119')."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    path = tmp_path_factory.mktemp("tiny_speculative_cli")
-    weights_tool.make_random_model(path, layers=4, d_model=48, heads=4, kv_heads=2, ffn=96, vocab=120,
-                                   untied=True, std=0.15, seed=3)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(120)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path / "tokenizer.json"))
-    return path
-
-
-def words(ids):
-    return " ".join(f"w{i}" for i in ids)
+    return word_level_model(tmp_path_factory.mktemp("tiny_speculative_cli"))
 
 
 def test_cli_json_equals_plain_decoding(tiny_dir, capsys):
