@@ -35,7 +35,6 @@ def load_shortcut(args, model):
 
 def cmd_generate(args):
     from .exits import parse_gate
-    from .generate import check_sampling
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     if args.speculative and args.exit:
         raise ValueError("--speculative drafts with its own gate and keeps the full model's tokens; "

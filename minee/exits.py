@@ -381,7 +381,7 @@ class ExitStats:
             return float(np.sum(values)) / n if n else None
 
         return {"mean_exit_point": mean(pts), "mean_exit_depth": mean((pts + 1) / 2),
-                "mean_blocks_computed": mean(self.sublayers) / 2 if n else None,
+                "mean_blocks_computed": mean(np.asarray(self.sublayers) / 2),
                 "share_early": mean(pts < 2 * config.n_layers - 1),
                 "lm_head_calls_per_token": mean(self.lm_head_calls),
                 "shortcut_calls_per_token": mean(self.shortcut_calls), "flops_per_token": mean(self.flops),

@@ -15,7 +15,7 @@ import minee
 import weights_tool
 from minee import shortcuts
 from minee.__main__ import main
-from minee.analysis import corpus_ids, teacher_forced
+from minee.analysis import teacher_forced
 from minee.hooks import exit_point_names
 from minee.lens import lens, log_softmax
 from minee.shortcuts import Shortcuts, ShortcutsError
