@@ -80,17 +80,19 @@ def _on_workers(fn, model, groups, group, shared, n_jobs):
     source, expected = _worker_source(model), fingerprint(model)
     tasks = (delayed(_in_worker)(fn, source, expected, i * group, g, *shared) for i, g in enumerate(groups))
     done = 0
-    try:
-        for result in Parallel(n_jobs=n_jobs, return_as="generator")(tasks):
-            done += 1
-            yield result
-    except _death_errors() as e:
-        _, start, end = groups[done][0]                                   # the first window not returned
-        raise WorkerError(
-            f"a worker process died (killed, out of memory or crashed: {type(e).__name__}) while computing "
-            f"window {done * group + 1} of {sum(map(len, groups))} (positions {start}..{end - 1}) or a "
-            "later one; the windows before it were done. Each worker holds a copy of the model: check "
-            "the workers' memory and run again, with fewer workers if memory is short") from None
+    with _stop_when_a_dask_worker_leaves() as lost:
+        try:
+            for result in Parallel(n_jobs=n_jobs, return_as="generator")(tasks):
+                done += 1
+                yield result
+        except _death_errors() as e:
+            _, start, end = groups[done][0]                               # the first window not returned
+            what = f"the Dask worker at {', '.join(lost)} left the cluster" if lost else type(e).__name__
+            raise WorkerError(
+                f"a worker process died (killed, out of memory or crashed: {what}) while computing "
+                f"window {done * group + 1} of {sum(map(len, groups))} (positions {start}..{end - 1}) or a "
+                "later one; the windows before it were done. Each worker holds a copy of the model: check "
+                "the workers' memory and run again, with fewer workers if memory is short") from None
 
 
 def _death_errors():
@@ -98,6 +100,46 @@ def _death_errors():
     when in use) a task that killed its workers, or lost the data joblib scattered to one."""
     dask = sys.modules.get("distributed")
     return (BrokenExecutor, CancelledError) + ((dask.KilledWorker,) if dask else ())
+
+
+@contextmanager
+def _stop_when_a_dask_worker_leaves(interval_s=1.0):
+    """With joblib's Dask backend: as soon as a worker that was in the cluster at the start is gone,
+    cancel the futures created since, so that joblib raises at once. Yields the list that then
+    holds the lost workers' addresses. With any other backend, does nothing.
+
+    Dask on its own retries a dead worker's tasks and recomputes the results it held, but seen
+    through joblib that can wait forever (seen here: a result lost with its worker, recomputed,
+    never delivered). A clear error within a second or two is better than a run that may hang;
+    so keep the cluster's size fixed while windows run (an adaptive cluster scaling down counts
+    as a lost worker too)."""
+    from joblib.parallel import get_active_backend
+    client = getattr(get_active_backend()[0], "client", None)             # only the Dask backend has one
+    lost = []
+    if client is None:
+        yield lost
+        return
+    ours_from = set(client.futures)                                       # the caller's own futures stay
+    workers = set(client.ncores())
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(interval_s) and not lost:
+            try:
+                gone = workers - set(client.ncores())
+            except Exception:                                             # the client is closing
+                return
+            if gone:
+                lost.extend(sorted(gone))
+                from distributed import Future                            # a Dask client: it is installed
+                client.cancel([Future(key, client) for key in set(client.futures) - ours_from])
+    watcher = threading.Thread(target=watch, daemon=True, name="minee-dask-watch")
+    watcher.start()
+    try:
+        yield lost
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def _worker_source(model):

@@ -115,6 +115,24 @@ def test_a_killed_dask_worker_is_a_clear_error(tiny_with_tokenizer, tmp_path):
     assert err.strip().splitlines()[-1].startswith("minee: error: a worker process died")
 
 
+def test_a_lost_dask_worker_stops_only_this_map(tiny_with_tokenizer):
+    """In Python, inside dask_cluster(): the map stops with a WorkerError within the bound, and the
+    futures the caller had on the same client before it are left alone."""
+    distributed = pytest.importorskip("distributed")
+    model = minee.load(tiny_with_tokenizer)
+    ids = analysis.corpus_ids(model.tokenizer, max_tokens=200)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  env={parallel.KILL_HOOK: "2"}, silence_logs=50) as cluster:
+        with parallel.dask_cluster(cluster.scheduler_address) as client:
+            mine = client.submit(sum, [1, 2], pure=False)
+            assert mine.result(timeout=BOUND_S) == 3                  # held in a worker's memory from now on
+            start = time.time()
+            with pytest.raises(parallel.WorkerError, match="window"):
+                analysis.teacher_forced(model, ids, window=50, progress=False, workers=-1)
+            assert time.time() - start < BOUND_S
+            assert not mine.cancelled() and mine.result(timeout=BOUND_S) == 3
+
+
 def test_one_worker_starts_no_process(tiny_with_tokenizer, monkeypatch):
     import joblib
     model = minee.load(tiny_with_tokenizer)
