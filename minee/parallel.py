@@ -120,13 +120,13 @@ def _stop_when_a_dask_worker_leaves(interval_s=1.0):
         yield lost
         return
     ours_from = set(client.futures)                                       # the caller's own futures stay
-    workers = set(client.ncores())
+    at_start = set(client.ncores())                                       # worker addresses
     stop = threading.Event()
 
     def watch():
         while not stop.wait(interval_s) and not lost:
             try:
-                gone = workers - set(client.ncores())
+                gone = at_start - set(client.ncores())
             except Exception:                                             # the client is closing
                 return
             if gone:
