@@ -2,6 +2,8 @@
 real Dask cluster give the same files as the loop in one process, bit for bit; a worker that dies
 is a clear error within a bounded time; workers refuse a model they cannot load again."""
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +94,50 @@ def run_cli_killing_window(args, hook_env, timeout=BOUND_S):
     r = subprocess.run([sys.executable, "-m", "minee", *args], env=env, capture_output=True, text=True,
                        timeout=timeout)
     return r.returncode, r.stderr, time.time() - start
+
+
+def children(pid):
+    """The pids of the running processes whose parent is pid (from /proc; zombies do not count)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]  # after "pid (name)"
+        except (OSError, ValueError):
+            continue                                                  # the process ended meanwhile
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid):
+    """Whether pid is a process that has not ended (a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_stops_the_workers(tiny_with_tokenizer, tmp_path):
+    """SIGINT (Ctrl-C) once windows are done: exit code 130, one line, and no worker left behind."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", "minee", "analyze", "--model", str(tiny_with_tokenizer),
+                          "--out", str(tmp_path), "--max-tokens", "4000", "--window", "50", "--gen-prompts", "0",
+                          "--workers", "2"], stderr=subprocess.PIPE, env=env)       # 80 windows
+    seen = ""
+    while not re.search(r" [1-9][0-9]*/80 ", seen):                   # the bar counts a finished window
+        chunk = os.read(p.stderr.fileno(), 4096).decode(errors="replace")
+        assert chunk, f"the run ended before it could be interrupted: {seen[-300:]}"
+        seen += chunk
+    workers = children(p.pid)
+    assert len(workers) >= 2
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=BOUND_S)
+    assert p.returncode == 130
+    assert err.decode().strip().splitlines()[-1] == "minee: interrupted" and b"Traceback" not in err
+    deadline = time.time() + 30
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if running(w)]
 
 
 def test_a_killed_worker_is_a_clear_error_naming_the_window(tiny_with_tokenizer, tmp_path):
