@@ -80,14 +80,16 @@ def _on_workers(fn, model, groups, group, shared, n_jobs):
     source, expected = _worker_source(model), fingerprint(model)
     tasks = (delayed(_in_worker)(fn, source, expected, i * group, g, *shared) for i, g in enumerate(groups))
     done = 0
-    with _stop_when_a_dask_worker_leaves() as lost:
+    with _stop_when_a_dask_worker_leaves() as gone:
         try:
             for result in Parallel(n_jobs=n_jobs, return_as="generator")(tasks):
                 done += 1
                 yield result
         except _death_errors() as e:
             _, start, end = groups[done][0]                               # the first window not returned
-            what = f"the Dask worker at {', '.join(lost)} left the cluster" if lost else type(e).__name__
+            lost = gone()
+            what = (f"the Dask worker{'s' * (len(lost) > 1)} at {', '.join(lost)} left the cluster" if lost
+                    else type(e).__name__)
             raise WorkerError(
                 f"a worker process died (killed, out of memory or crashed: {what}) while computing "
                 f"window {done * group + 1} of {sum(map(len, groups))} (positions {start}..{end - 1}) or a "
@@ -105,8 +107,9 @@ def _death_errors():
 @contextmanager
 def _stop_when_a_dask_worker_leaves(interval_s=1.0):
     """With joblib's Dask backend: as soon as a worker that was in the cluster at the start is gone,
-    cancel the futures created since, so that joblib raises at once. Yields the list that then
-    holds the lost workers' addresses. With any other backend, does nothing.
+    cancel the futures created since, so that joblib raises at once. Yields gone(): the sorted
+    addresses of the workers that have left so far. With any other backend, does nothing (and
+    gone() is always empty).
 
     Dask on its own retries a dead worker's tasks and recomputes the results it held, but seen
     through joblib that can wait forever (seen here: a result lost with its worker, recomputed,
@@ -115,28 +118,29 @@ def _stop_when_a_dask_worker_leaves(interval_s=1.0):
     as a lost worker too)."""
     from joblib.parallel import get_active_backend
     client = getattr(get_active_backend()[0], "client", None)             # only the Dask backend has one
-    lost = []
     if client is None:
-        yield lost
+        yield list
         return
     ours_from = set(client.futures)                                       # the caller's own futures stay
     at_start = set(client.ncores())                                       # worker addresses
-    stop = threading.Event()
+
+    def gone():
+        try:
+            return sorted(at_start - set(client.ncores()))
+        except Exception:                                                 # the client is closing
+            return []
 
     def watch():
-        while not stop.wait(interval_s) and not lost:
-            try:
-                gone = at_start - set(client.ncores())
-            except Exception:                                             # the client is closing
-                return
-            if gone:
-                lost.extend(sorted(gone))
+        while not stop.wait(interval_s):
+            if gone():
                 from distributed import Future                            # a Dask client: it is installed
                 client.cancel([Future(key, client) for key in set(client.futures) - ours_from])
+                return
+    stop = threading.Event()
     watcher = threading.Thread(target=watch, daemon=True, name="minee-dask-watch")
     watcher.start()
     try:
-        yield lost
+        yield gone
     finally:
         stop.set()
         watcher.join()
