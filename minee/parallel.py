@@ -119,7 +119,7 @@ def _stop_when_a_dask_worker_leaves(interval_s=1.0):
     from joblib.parallel import get_active_backend
     client = getattr(get_active_backend()[0], "client", None)             # only the Dask backend has one
     if client is None:
-        yield list
+        yield lambda: []
         return
     ours_from = set(client.futures)                                       # the caller's own futures stay
     at_start = set(client.ncores())                                       # worker addresses

@@ -87,42 +87,45 @@ def test_analyze_through_a_dask_cluster_writes_the_same_files(tiny_with_tokenize
     assert str(tiny_with_tokenizer) in sum(loaded.values(), [])       # the windows ran on the cluster's workers
 
 
+def cli_env(extra):
+    """The environment of a CLI run in a fresh process: this one's, with `extra`, importing this checkout."""
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_cli_killing_window(args, hook_env, timeout=BOUND_S):
     """Run the CLI in a fresh process whose workers see `hook_env`; (return code, stderr, seconds)."""
-    env = {**os.environ, **hook_env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.time()
-    r = subprocess.run([sys.executable, "-m", "minee", *args], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "minee", *args], env=cli_env(hook_env), capture_output=True, text=True,
                        timeout=timeout)
     return r.returncode, r.stderr, time.time() - start
 
 
-def children(pid):
-    """The pids of the running processes whose parent is pid (from /proc; zombies do not count)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]  # after "pid (name)"
-        except (OSError, ValueError):
-            continue                                                  # the process ended meanwhile
-        if int(ppid) == pid and state != "Z":
-            found.append(int(stat.parent.name))
-    return found
+def proc_stat(pid):
+    """(state, parent pid) of a process, read from /proc, or None once it is gone."""
+    try:
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]   # after "pid (name)"
+    except (OSError, ValueError):
+        return None
+    return state, int(ppid)
 
 
 def running(pid):
     """Whether pid is a process that has not ended (a zombie has ended)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def children(pid):
+    """The pids of the running processes whose parent is pid."""
+    stats = {int(p.name): proc_stat(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    return [c for c, stat in stats.items() if stat is not None and stat[1] == pid and stat[0] != "Z"]
 
 
 def test_ctrl_c_stops_the_workers(tiny_with_tokenizer, tmp_path):
     """SIGINT (Ctrl-C) once windows are done: exit code 130, one line, and no worker left behind."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.Popen([sys.executable, "-m", "minee", "analyze", "--model", str(tiny_with_tokenizer),
                           "--out", str(tmp_path), "--max-tokens", "4000", "--window", "50", "--gen-prompts", "0",
-                          "--workers", "2"], stderr=subprocess.PIPE, env=env)       # 80 windows
+                          "--workers", "2"], stderr=subprocess.PIPE, env=cli_env({}))   # 80 windows
     seen = ""
     while not re.search(r" [1-9][0-9]*/80 ", seen):                   # the bar counts a finished window
         chunk = os.read(p.stderr.fileno(), 4096).decode(errors="replace")
