@@ -79,7 +79,6 @@ class ModelConfig:
     activation: str = "silu"        # the gated FFN's gate activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
     embed_scale: float = 1.0        # embeddings are multiplied by this (Gemma: sqrt(D))
     attn_scale: float = None        # queries . keys scale; None = hd ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
-    attn_softcap: float = None      # attention scores -> c * tanh(scores / c) (None = off)
     final_softcap: float = None     # logits -> c * tanh(logits / c) (None = off)
     layer_windows: tuple = ()       # per block: None (full attention) or W, attend to the last W positions; () = all full
     local_rope_theta: float = None  # RoPE base of the sliding-window blocks (Gemma 3: 10,000); None = rope_theta
@@ -286,7 +285,7 @@ def _layer_windows(hf, kind, n_layers):
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
-def _variant(hf, kind, d_model):
+def _variant(hf, kind, source_type, d_model):
     """The variant fields of ModelConfig for this family (those LLaMA's defaults do not give)."""
     if kind == "llama":
         return {"attention_bias": _flag(hf, "attention_bias", False), "mlp_bias": _flag(hf, "mlp_bias", False)}
@@ -299,15 +298,16 @@ def _variant(hf, kind, d_model):
     if _flag(hf, "use_bidirectional_attention", False):
         raise ConfigError("use_bidirectional_attention is true: that is an encoder (EmbeddingGemma); "
                           "minee runs causal language models")
-    softcaps = {key: None if hf.get(key) is None else _number(hf[key], key, 1e-6, 1e6, "a soft-capping scale")
-                for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+    # transformers' Gemma 3 soft-caps the logits in Gemma3ForCausalLM only, not in the multimodal model, and
+    # never its attention scores (attn_logit_softcapping is a Gemma 2 field it keeps but does not use)
+    cap = hf.get("final_logit_softcapping") if source_type == "gemma3_text" else None
     local_theta, local_scaling = _rope_settings(hf, "sliding_attention")
     return {"qk_norm": True, "post_norms": True, "norm_offset": 1.0,
             "attention_bias": _flag(hf, "attention_bias", False),
             "embed_scale": float(np.float32(math.sqrt(d_model))),      # rounded to float32, as transformers does
             "attn_scale": _int(hf["query_pre_attn_scalar"], "query_pre_attn_scalar") ** -0.5,
-            "attn_softcap": softcaps["attn_logit_softcapping"],
-            "final_softcap": softcaps["final_logit_softcapping"],
+            "final_softcap": None if cap is None else _number(cap, "final_logit_softcapping", 1e-6, 1e6,
+                                                              "the scale logits are soft-capped to"),
             "local_rope_theta": local_theta, "local_rope_scaling": local_scaling}
 
 
@@ -368,7 +368,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         model_type=source_type,
         activation=_activation(hf, kind),
         layer_windows=_layer_windows(hf, kind, n_layers),
-        **_variant(hf, kind, d_model),
+        **_variant(hf, kind, source_type, d_model),
     )
 
 

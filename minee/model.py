@@ -107,7 +107,7 @@ class Model:
             kv_cache.write(l, k, v, positions, rows)
             k, v = kv_cache.view(l, int(positions.max()) + 1, rows)                        # (B, KV, S, hd)
         mask = causal_mask(positions, k.shape[2], c.window(l))                             # (B, T, S)
-        out = attention(q, k, v, mask, c.attn_scale, c.attn_softcap)                       # (B, H, T, hd)
+        out = attention(q, k, v, mask, c.attn_scale)                                       # (B, H, T, hd)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)                                  # (B, T, H*hd)
         out = linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))    # (B, T, D)
         if c.post_norms:                                       # Gemma 3: the sub-layer's output is normalized too

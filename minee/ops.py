@@ -116,20 +116,18 @@ def causal_mask(positions, S, window=None):
     return mask
 
 
-def attention(q, k, v, mask, scale=None, cap=None):
+def attention(q, k, v, mask, scale=None):
     """Grouped-query attention. q (B, H, T, hd); k, v (B, KV, S, hd); mask (B, T, S) -> (B, H, T, hd).
 
     The G = H/KV query heads that share a key/value head are stacked as extra rows, so one
     batched matmul per KV head serves them all (MHA: G=1, MQA: KV=1). scale: of the scores,
-    default hd ** -0.5; cap: soft-capping of the scores (Gemma 2), None = off.
+    default hd ** -0.5.
     """
     B, H, T, hd = q.shape
     KV = k.shape[1]
     G = H // KV
     q = q.reshape(B, KV, G * T, hd)                                   # rows: (g, t) pairs
     scores = (q @ k.transpose(0, 1, 3, 2)) * (hd ** -0.5 if scale is None else scale)   # (B, KV, G*T, S)
-    if cap is not None:
-        scores = softcap(scores, cap)
     scores = scores.reshape(B, KV, G, T, -1)
     scores = np.where(mask[:, None, None], scores, -np.inf)           # hide later positions, unfilled cache slots
     probs = softmax(scores).reshape(B, KV, G * T, -1)
