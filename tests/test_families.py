@@ -267,3 +267,52 @@ def test_kl_gradient_through_the_soft_capped_head(tmp_path):
     assert float((gw * dw).sum() + (gb * db).sum()) == pytest.approx((plus - minus) / (2 * eps), rel=2e-2)
     ref = (q * (np.log(q) - log_softmax(model.unembed(x @ w + b).astype(np.float64)))).sum(-1).mean()
     assert kl == pytest.approx(ref, rel=1e-3)
+
+
+GEMMA_CONFIG = dict(SMALL, model_type="gemma3_text", num_key_value_heads=1, head_dim=16)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(use_bidirectional_attention=True), ["use_bidirectional_attention", "causal"]),
+    (dict(hidden_activation="silu"), ["hidden_activation", "silu", "gelu_pytorch_tanh"]),
+    (dict(layer_types=["full_attention", "sliding_attention"]), ["layer_types", "3 entries"]),
+    (dict(layer_types=["full_attention", "chunked_attention", "full_attention"]), ["layer_types", "chunked"]),
+    (dict(sliding_window=0), ["sliding_window", "got 0"]),
+    (dict(query_pre_attn_scalar=-2), ["query_pre_attn_scalar", "got -2"]),
+    (dict(final_logit_softcapping=float("nan")), ["final_logit_softcapping", "nan"]),
+    (dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0}}), ["yarn", "linear", "llama3"]),
+    (dict(partial_rotary_factor=0.5), ["partial_rotary_factor", "0.5"]),
+    (dict(model_type="gemma2"), ["model_type", "gemma2", "gemma3_text", "qwen3"]),
+    (dict(model_type="qwen2", hidden_act="gelu"), ["hidden_act", "gelu", "silu"]),
+    (dict(model_type="gemma3", text_config=None), ["text_config"]),
+], ids=["bidirectional", "activation", "layer_types_short", "layer_types_unknown", "window_0", "scalar",
+        "softcap_nan", "yarn", "partial_rotary", "gemma2", "qwen_gelu", "gemma3_no_text_config"])
+def test_what_a_family_cannot_honour_is_an_error_naming_the_field(tmp_path, changes, words):
+    (tmp_path / "config.json").write_text(json.dumps({**GEMMA_CONFIG, **changes}))
+    with pytest.raises(minee.ConfigError) as e:
+        minee.load(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_families_fill_in_what_their_config_class_assumes():
+    """Fields left out of config.json mean what transformers' config class of that family says."""
+    from minee.config import config_from_hf
+    base = {k: SMALL[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads")}
+    for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text"):
+        ours = config_from_hf({**base, "model_type": kind})
+        ref = transformers.AutoConfig.for_model(kind, **base)
+        assert ours.head_dim == (getattr(ref, "head_dim", None) or SMALL["hidden_size"] // 4), kind
+        assert ours.max_position_embeddings == ref.max_position_embeddings, kind
+        assert ours.tie_word_embeddings == ref.tie_word_embeddings, kind
+        assert ours.norm_eps == ref.rms_norm_eps, kind
+        windows = [ours.window(l) for l in range(3)]
+        ref_types = getattr(ref, "layer_types", None) or ["full_attention"] * 3
+        ref_window = getattr(ref, "sliding_window", None)
+        if kind == "mistral":                                # every layer slides when the window is set
+            ref_types = ["sliding_attention" if ref_window else "full_attention"] * 3
+        assert windows == [ref_window if t == "sliding_attention" else None for t in ref_types], kind
+        theta = ref.rope_parameters.get("full_attention", ref.rope_parameters)["rope_theta"]
+        assert ours.rope_theta == theta, kind
