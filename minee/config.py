@@ -19,7 +19,6 @@ import numpy as np
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh")     # the gated FFN's activation: SwiGLU, GeGLU (ops.ACTIVATIONS)
 
 # What a field left out of config.json means, where the family's transformers config class says
 # something else than LLaMA's (`config_from_hf` falls back to these).
