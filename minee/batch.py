@@ -25,13 +25,14 @@ class Row:
     decode_s: float = 0.0       # time of the decode steps it took part in (with sampling)
 
 
-def decode(model, prompts, batch_size, max_new_tokens, pick, stop_ids=(), decoder=None, on_token=None):
+def decode(model, prompts, batch_size, max_new_tokens, pick, stop_ids=(), decoder=None, on_token=None, hooks=None):
     """Decode every prompt (lists of token ids) with at most batch_size live rows; yield each Row
     as it finishes, which is not necessarily in prompt order.
 
     pick(i, logits (V,)) -> the next token of prompt i. A row finishes after max_new_tokens
     tokens or on a token in stop_ids. decoder: an exits.ExitDecoder for early exit, or None for
-    the full model. on_token(i, token) is called with every new token.
+    the full model. on_token(i, token) is called with every new token. hooks: Model.forward's, for
+    the prefills and the plain decode steps (an early-exit decoder carries its own).
     """
     slots = [None] * min(batch_size, len(prompts))              # the Row each cache row holds
     kv = model.new_kv_cache(len(slots), max(len(p) for p in prompts) + max_new_tokens)
@@ -54,7 +55,7 @@ def decode(model, prompts, batch_size, max_new_tokens, pick, stop_ids=(), decode
                 slots[s] = row = waiting.popleft()
                 t0 = time.perf_counter()
                 kv.lengths[s] = 0                               # forget the slot's previous prompt
-                logits = model.forward(row.ids, kv_cache=kv, rows=[s], last_only=True)[0, -1]   # prefill: (V,)
+                logits = model.forward(row.ids, kv_cache=kv, rows=[s], hooks=hooks, last_only=True)[0, -1]   # prefill: (V,)
                 if take(s, logits, full_model):
                     finished.append(row)
                     slots[s] = None
@@ -66,7 +67,7 @@ def decode(model, prompts, batch_size, max_new_tokens, pick, stop_ids=(), decode
         t0 = time.perf_counter()
         tokens = [slots[s].tokens[-1] for s in live]
         if decoder is None:
-            logits = model.forward(np.array(tokens)[:, None], kv_cache=kv, rows=live)[:, -1]   # (n, V)
+            logits = model.forward(np.array(tokens)[:, None], kv_cache=kv, rows=live, hooks=hooks)[:, -1]   # (n, V)
             points = np.full(len(live), full_model)
         else:
             logits, points = decoder.step_batch(tokens, kv, live)                               # (n, V), (n,)

@@ -1,16 +1,38 @@
-"""ModelConfig: the handful of numbers that define a LLaMA, read from a Hugging Face config.json.
+"""ModelConfig: the handful of numbers that define a LLaMA-family model, read from a Hugging Face config.json.
 
 config.json comes from wherever the checkpoint came from, so it is untrusted: every field the
 math uses is type- and range-checked here, and anything we do not implement is refused. A bad
 field is a ConfigError naming the file, the field and its value, never a ZeroDivisionError deep
 in the forward pass, a silent NaN model or a huge allocation made from a number in the file.
+
+Families: llama, and those that differ from it in a few switches (the variant fields of
+ModelConfig): mistral (sliding windows), qwen2 (q/k/v biases), qwen3 (q/k norms), gemma3_text and
+the text part of gemma3 (four norms per block, GeGLU, scaled embeddings, per-layer windows and RoPE
+bases). `_variant` maps each model_type's fields onto them.
 """
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+
+# What a field left out of config.json means, where the family's transformers config class says
+# something else than LLaMA's (`config_from_hf` falls back to these).
+DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "max_window_layers": 28, "sliding_window": 4096},
+    "qwen3": {"max_position_embeddings": 32768, "max_window_layers": 28, "sliding_window": 4096, "head_dim": 128},
+    "gemma3_text": {"max_position_embeddings": 131072, "sliding_window": 4096, "head_dim": 256,
+                    "query_pre_attn_scalar": 256, "tie_word_embeddings": True, "rope_theta": 1_000_000.0,
+                    "rope_local_base_freq": 10_000.0, "hidden_activation": "gelu_pytorch_tanh",
+                    "bos_token_id": 2, "eos_token_id": 1},
+}
+GEMMA_WINDOW_PATTERN = 6        # gemma3 without layer_types: every 6th block full, the others sliding
 
 # Upper bounds far above any released LLaMA (Llama-3.1-405B: 126 layers, width 16,384, FFN 53,248,
 # 128 heads, vocabulary 128,256). They exist so that a number in a file cannot make minee build
@@ -19,6 +41,8 @@ MAX_INT_FIELDS = {
     "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
     "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
     "head_dim": 1024, "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24,
+    "sliding_window": 1 << 24, "max_window_layers": 1024, "query_pre_attn_scalar": 1 << 24,
+    "_sliding_window_pattern": 1024,
 }
 MAX_TEXT_BYTES = 64 << 20       # config, index, tokenizer_config and chat template files are kilobytes
 
@@ -35,7 +59,7 @@ class ModelConfig:
     n_heads: int                    # H: query heads
     n_kv_heads: int                 # KV: key/value heads; H % KV == 0 (MHA: KV=H, MQA: KV=1, else GQA)
     head_dim: int                   # hd: width of one head (usually D // H, explicit in some models); even
-    d_ff: int                       # F: SwiGLU hidden width (intermediate_size)
+    d_ff: int                       # F: gated FFN hidden width (intermediate_size)
     norm_eps: float = 1e-6          # RMSNorm epsilon
     rope_theta: float = 10000.0     # RoPE base frequency
     rope_scaling: dict = field(default_factory=lambda: {"rope_type": "default"})
@@ -45,13 +69,41 @@ class ModelConfig:
     mlp_bias: bool = False          # biases on gate/up/down projections
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()       # generation stops at any of these
+    # The variants: LLaMA's values are the defaults (see _variant for each family's).
+    model_type: str = "llama"       # the family, as config.json names it
+    qkv_bias: bool = False          # biases on q/k/v only, not o (Qwen2)
+    qk_norm: bool = False           # RMSNorm over each head's hd on queries and keys, before RoPE (Qwen3, Gemma 3)
+    post_norms: bool = False        # a norm on each sub-layer's output too: four per block (Gemma 3)
+    norm_offset: float = 0.0        # RMSNorm scales by (norm_offset + w): Gemma stores w - 1 (offset 1)
+    activation: str = "silu"        # the gated FFN's gate activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    embed_scale: float = 1.0        # embeddings are multiplied by this (Gemma: sqrt(D))
+    attn_scale: float = None        # queries . keys scale; None = hd ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    final_softcap: float = None     # logits -> c * tanh(logits / c) (None = off)
+    layer_windows: tuple = ()       # per block: None (full attention) or W, attend to the last W positions; () = all full
+    local_rope_theta: float = None  # RoPE base of the sliding-window blocks (Gemma 3: 10,000); None = rope_theta
+    local_rope_scaling: dict = None
+
+    def window(self, l):
+        """Block l's sliding window W (it attends to positions t-W+1 .. t), or None (all earlier positions)."""
+        return self.layer_windows[l] if self.layer_windows else None
+
+    def local_rope(self, l):
+        """Whether block l uses the sliding-window blocks' own RoPE (Gemma 3) rather than the global one."""
+        return self.window(l) is not None and self.local_rope_theta is not None
+
+    def rope_settings(self, local=False):
+        """(theta, scaling) of the global RoPE, or of the sliding-window blocks' own (if any)."""
+        if local and self.local_rope_theta is not None:
+            return self.local_rope_theta, self.local_rope_scaling
+        return self.rope_theta, self.rope_scaling
 
     @property
     def n_params(self):
-        """Parameter count implied by the shapes (the LM head counted once when tied)."""
+        """Parameter count implied by the shapes (the LM head counted once when tied; biases and q/k
+        norms left out: they are a rounding error)."""
         D, F, hd = self.d_model, self.d_ff, self.head_dim
         attn = D * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
-        block = attn + 3 * D * F + 2 * D
+        block = attn + 3 * D * F + (4 if self.post_norms else 2) * D
         head = 0 if self.tie_word_embeddings else self.vocab_size * D
         return self.vocab_size * D + self.n_layers * block + D + head
 
@@ -119,16 +171,30 @@ def _token_ids(hf, key):
 
 # ------------------------------------------------------------------ the groups of fields
 
-def _rope_settings(hf):
-    """(theta, scaling dict) from either `rope_theta` + `rope_scaling` or transformers-5 `rope_parameters`."""
+def _rope_settings(hf, kind="full_attention"):
+    """(theta, scaling dict) of RoPE from either `rope_theta` + `rope_scaling` or transformers-5
+    `rope_parameters`, which Gemma 3 keeps per layer kind ("full_attention", "sliding_attention"; its
+    older configs give the sliding layers' base as rope_local_base_freq)."""
     for key in ("rope_parameters", "rope_scaling"):
         if not isinstance(hf.get(key) or {}, dict):
             raise ConfigError(f"{key} must be an object or null, got {hf[key]!r}")
     params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or params or {})
+    base = hf.get("rope_theta" if kind == "full_attention" else "rope_local_base_freq", 10000.0)
+    if "full_attention" in params or "sliding_attention" in params:      # one entry per layer kind
+        params = params.get(kind) or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"rope_parameters[{kind!r}] must be an object, got {params!r}")
+        return _rope(params.get("rope_theta", base), dict(params))
+    if kind == "sliding_attention":
+        return _rope(base, {})
     theta = hf.get("rope_theta")
-    theta = _number(params.get("rope_theta", 10000.0) if theta is None else theta, "rope_theta", 1.0,
-                    math.inf, "the base of RoPE's wavelengths; LLaMA uses 1e4 to 5e5")
+    return _rope(params.get("rope_theta", 10000.0) if theta is None else theta,
+                 dict(hf.get("rope_scaling") or params or {}))
+
+
+def _rope(theta, scaling):
+    """(theta, scaling dict) checked: a supported rope_type with the parameters it needs."""
+    theta = _number(theta, "rope_theta", 1.0, math.inf, "the base of RoPE's wavelengths; LLaMA uses 1e4 to 5e5")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"rope_scaling type {rope_type!r} is not supported; minee implements "
@@ -153,16 +219,95 @@ def _rope_settings(hf):
     return theta, scaling
 
 
-def _reject_unsupported(hf):
-    if hf.get("model_type") != "llama":
-        raise ConfigError(f"model_type {hf.get('model_type')!r} is not supported; minee loads "
-                          "LLaMA-family checkpoints (model_type 'llama')")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"hidden_act {act!r} is not supported; LLaMA's SwiGLU uses 'silu'")
-    if hf.get("sliding_window") is not None:
-        raise ConfigError("sliding_window attention is not supported (set sliding_window: null "
-                          "only if the model was trained without it)")
+def _model_type(hf):
+    """The family, checked: one of MODEL_TYPES."""
+    kind = hf.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise ConfigError(f"model_type {kind!r} is not supported; minee loads the LLaMA family: "
+                          f"{', '.join(MODEL_TYPES)} (for gemma3, its text part)")
+    return kind
+
+
+def _text_part(hf):
+    """A multimodal gemma3 config's text_config, as a gemma3_text config; any other config as it is."""
+    if hf.get("model_type") != "gemma3":
+        return hf
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError("a gemma3 config.json needs a text_config object (minee runs its text part)")
+    inherited = {k: hf[k] for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id") if k in hf}
+    return {**inherited, **text, "model_type": "gemma3_text"}
+
+
+def _activation(hf, kind):
+    """The gated FFN's activation: silu for LLaMA, Mistral and Qwen (hidden_act), tanh-approximated
+    GELU for Gemma 3 (hidden_activation)."""
+    key, want = ("hidden_activation", "gelu_pytorch_tanh") if kind == "gemma3_text" else ("hidden_act", "silu")
+    act = hf.get(key, want)
+    if act != want:
+        raise ConfigError(f"{key} {act!r} is not supported; {kind}'s gated FFN uses {want!r}")
+    return act
+
+
+def _layer_windows(hf, kind, n_layers):
+    """Per block: None (full attention) or its sliding window W. LLaMA has none; Mistral slides in
+    every block when sliding_window is set; Qwen2/3 only with use_sliding_window, in the blocks
+    layer_types names (or from max_window_layers on); Gemma 3 in the blocks layer_types names (or
+    all but every sixth)."""
+    window = hf.get("sliding_window")
+    if kind == "llama":
+        if window is not None:
+            raise ConfigError("sliding_window attention is not part of model_type 'llama' (set "
+                              "sliding_window: null only if the model was trained without it; a "
+                              "Mistral checkpoint says model_type 'mistral')")
+        return ()
+    if kind in ("qwen2", "qwen3") and not _flag(hf, "use_sliding_window", False):
+        return ()                                          # transformers ignores sliding_window then
+    if window is None:
+        return ()
+    window = _int(window, "sliding_window")
+    types = None if kind == "mistral" else hf.get("layer_types")    # Mistral: transformers ignores it
+    if types is None:
+        if kind == "mistral":
+            types = ["sliding_attention"] * n_layers
+        elif kind == "gemma3_text":
+            every = _int(hf.get("_sliding_window_pattern", hf.get("sliding_window_pattern", GEMMA_WINDOW_PATTERN)),
+                         "_sliding_window_pattern")
+            types = ["full_attention" if (l + 1) % every == 0 else "sliding_attention" for l in range(n_layers)]
+        else:
+            first = _int(hf["max_window_layers"], "max_window_layers", low=0)
+            types = ["sliding_attention" if l >= first else "full_attention" for l in range(n_layers)]
+    kinds = ("full_attention", "sliding_attention")
+    if not isinstance(types, list) or len(types) != n_layers or any(t not in kinds for t in types):
+        raise ConfigError(f"layer_types must list {n_layers} entries (one per layer), each 'full_attention' "
+                          f"or 'sliding_attention', got {types!r:.200}")
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _variant(hf, kind, source_type, d_model):
+    """The variant fields of ModelConfig for this family (those LLaMA's defaults do not give)."""
+    if kind == "llama":
+        return {"attention_bias": _flag(hf, "attention_bias", False), "mlp_bias": _flag(hf, "mlp_bias", False)}
+    if kind == "mistral":
+        return {}                                          # no biases, whatever the file says
+    if kind == "qwen2":
+        return {"qkv_bias": True}                          # q/k/v always carry biases, o never
+    if kind == "qwen3":
+        return {"qk_norm": True, "attention_bias": _flag(hf, "attention_bias", False)}
+    if _flag(hf, "use_bidirectional_attention", False):
+        raise ConfigError("use_bidirectional_attention is true: that is an encoder (EmbeddingGemma); "
+                          "minee runs causal language models")
+    # transformers' Gemma 3 soft-caps the logits in Gemma3ForCausalLM only, not in the multimodal model, and
+    # never its attention scores (attn_logit_softcapping is a Gemma 2 field it keeps but does not use)
+    cap = hf.get("final_logit_softcapping") if source_type == "gemma3_text" else None
+    local_theta, local_scaling = _rope_settings(hf, "sliding_attention")
+    return {"qk_norm": True, "post_norms": True, "norm_offset": 1.0,
+            "attention_bias": _flag(hf, "attention_bias", False),
+            "embed_scale": float(np.float32(math.sqrt(d_model))),      # rounded to float32, as transformers does
+            "attn_scale": _int(hf["query_pre_attn_scalar"], "query_pre_attn_scalar") ** -0.5,
+            "final_softcap": None if cap is None else _number(cap, "final_logit_softcapping", 1e-6, 1e6,
+                                                              "the scale logits are soft-capped to"),
+            "local_rope_theta": local_theta, "local_rope_scaling": local_scaling}
 
 
 def _heads(hf):
@@ -187,19 +332,26 @@ def _heads(hf):
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """Build a ModelConfig from the dict in a Hugging Face config.json, checking every field used."""
-    _reject_unsupported(hf)
+    source_type = _model_type(hf)
+    hf = _text_part(hf)
+    kind = hf["model_type"]
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
                            "num_attention_heads", "intermediate_size") if k not in hf]
     if missing:
         raise ConfigError(f"required field(s) missing: {', '.join(missing)}")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"partial_rotary_factor {hf['partial_rotary_factor']!r} is not supported: "
+                          "minee rotates every dimension of a head")
+    hf = {**DEFAULTS.get(kind, {}), **hf}                  # what the family's config class assumes
     d_model = _int(hf["hidden_size"], "hidden_size")
+    n_layers = _int(hf["num_hidden_layers"], "num_hidden_layers")
     n_heads, n_kv_heads, head_dim = _heads(hf)
     theta, scaling = _rope_settings(hf)
     bos = _token_ids(hf, "bos_token_id")
     return ModelConfig(
         vocab_size=_int(hf["vocab_size"], "vocab_size"),
         d_model=d_model,
-        n_layers=_int(hf["num_hidden_layers"], "num_hidden_layers"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
@@ -208,12 +360,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
                          "RMSNorm's small positive epsilon"),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=_int(hf.get("max_position_embeddings", 2048), "max_position_embeddings"),
+        max_position_embeddings=_int(hf["max_position_embeddings"], "max_position_embeddings"),
         tie_word_embeddings=_flag(hf, "tie_word_embeddings", False),
-        attention_bias=_flag(hf, "attention_bias", False),
-        mlp_bias=_flag(hf, "mlp_bias", False),
         bos_token_id=bos[0] if bos else None,
         eos_token_ids=_token_ids(hf, "eos_token_id"),
+        model_type=source_type,
+        activation=_activation(hf, kind),
+        layer_windows=_layer_windows(hf, kind, n_layers),
+        **_variant(hf, kind, source_type, d_model),
     )
 
 

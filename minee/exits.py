@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from .lens import log_softmax, point_logits
-from .ops import rms_norm
 
 GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
 LOGIT_GATES = ("confidence", "margin", "entropy", "patience", "learned")   # need the LM head to decide
@@ -404,13 +403,17 @@ class ExitDecoder:
     or the exit block's K/V (copy): the map estimates the *last* state, which no block's K/V
     projection sees, while h_p is the input the next block really expects
     (docs/reproduction.md, E7, measures the alternative).
+
+    hooks: {hook name: fn(x, name)} as for Model.forward, called at hook_embed and at every block
+    point a step computes (on the rows that compute it); hook_final_norm belongs to plain passes.
     """
 
-    def __init__(self, model, gate, kv="copy", shortcut=None):
+    def __init__(self, model, gate, kv="copy", shortcut=None, hooks=None):
         check_kv_mode(kv)
         if shortcut is not None:
             shortcut.check_model(model)
         self.model, self.kv_mode, self.shortcut = model, kv, shortcut
+        self.hook = model.hook_caller(hooks)
         self.n_points = 2 * model.config.n_layers
         gate = parse_gate(gate)
         if gate.min_point is None and gate.decides:
@@ -421,11 +424,8 @@ class ExitDecoder:
 
     def sublayer(self, p, x, positions, kv, rows=None):
         """Residual after exit point p given the residual before it: x (n, 1, D) at positions (n, 1)
-        of cache rows `rows` (default all)."""
-        l = p // 2
-        if p % 2 == 0:
-            return x + self.model.attn_sublayer(l, x, positions, kv, rows)
-        return x + self.model.mlp_sublayer(l, x)
+        of cache rows `rows` (default all), through Model.sublayer with the decoder's hooks."""
+        return self.model.sublayer(p, x, positions, kv, rows, self.hook)
 
     def step(self, token, kv):
         """One token of one sequence -> (logits (V,), exit point)."""
@@ -442,7 +442,7 @@ class ExitDecoder:
         self.cost = {k: np.broadcast_to(v, S.shape) for k, v in flops(self.model.config, S).items()}
         self.tally = {"sublayers": np.zeros(len(S), np.int64), "lm_head_calls": np.zeros(len(S), np.int64),
                       "shortcut_calls": np.zeros(len(S), np.int64), "flops": np.zeros(len(S))}   # this step's cost per row
-        x = self.model.embed_tokens[tokens][:, None, :]                            # (n, 1, D)
+        x = self.hook("hook_embed", self.model.embed(tokens[:, None]))               # (n, 1, D)
         run = self._oracle if self.gate.kind == "oracle" else self._gated
         points, states, logits = run(x, positions, kv, rows)
         self.fill_skipped(points, states, positions, kv, rows)
@@ -568,7 +568,7 @@ class ExitDecoder:
 
 def kv_projection(model, l, x, positions):
     """Block l's keys and values (n, KV, 1, hd) for residual states x (n, 1, D) at positions (n, 1)."""
-    h = rms_norm(x, model.layers[l]["input_layernorm.weight"], model.config.norm_eps)
+    h = model.norm(x, model.layers[l]["input_layernorm.weight"])
     return model.keys_values(l, h, positions)
 
 

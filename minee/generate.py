@@ -115,21 +115,23 @@ class TextStream:
 
 
 def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-             chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None):
+             chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None, hooks=None):
     """Continue `prompt` (text or ids) by up to max_new_tokens tokens; on_text(piece) streams the text.
 
     exit: a gate (spec string such as "confidence:0.9" or an exits.Gate) to leave the network
     early on every decoded token; kv: how the skipped layers' keys/values are filled
     ("copy", the default with a gate, "propagate" or "compute", see exits.py); shortcut:
     minee.shortcuts.Shortcuts through which an early exit point is decoded (needs exit=). The prompt
-    always runs the full model. Every argument is checked before on_text is first called.
+    always runs the full model. hooks: {hook name: fn(x, name)} as for Model.forward, called in the
+    prompt's pass and in every decode step, early exits included (e.g. an ablation while generating).
+    Every argument is checked before on_text is first called.
     """
     return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, chat,
-                          stop_at_eos, on_text, exit, kv, shortcut)[0]
+                          stop_at_eos, on_text, exit, kv, shortcut, hooks)[0]
 
 
 def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None):
+                   chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None, hooks=None):
     """generate() for a list of prompts (of any token lengths) decoded together: one Generation per prompt.
 
     Each prompt is prefilled into a KV cache row of its own; then every step decodes the rows
@@ -141,12 +143,13 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
     single prompt only. The same as generate_many with batch_size=len(prompts).
     """
     results = _start(model, prompts, len(prompts), max_new_tokens, temperature, top_k, top_p, seed, chat,
-                     stop_at_eos, exit, kv, shortcut, on_text)
+                     stop_at_eos, exit, kv, shortcut, hooks, on_text)
     return list(_in_order(results, len(prompts), progress=False))
 
 
 def generate_many(model, prompts, batch_size=16, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
-                  seed=None, chat=False, stop_at_eos=True, exit=None, kv=None, shortcut=None, progress=None):
+                  seed=None, chat=False, stop_at_eos=True, exit=None, kv=None, shortcut=None, hooks=None,
+                  progress=None):
     """Decode any number of prompts with at most batch_size rows at once; yields one Generation
     per prompt, in prompt order.
 
@@ -161,13 +164,13 @@ def generate_many(model, prompts, batch_size=16, max_new_tokens=32, temperature=
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     results = _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                     stop_at_eos, exit, kv, shortcut)
+                     stop_at_eos, exit, kv, shortcut, hooks)
     show = len(prompts) > batch_size if progress is None else progress
     return _in_order(results, len(prompts), show)
 
 
 def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat, stop_at_eos,
-           exit, kv, shortcut, on_text=None):
+           exit, kv, shortcut, hooks, on_text=None):
     """Check every argument and prompt, then start the decode loop: (prompt index, Generation)
     pairs as prompts finish."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -189,12 +192,14 @@ def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p
     rngs = [np.random.default_rng(s) for s in row_seeds(seed, len(ids))]
     longest = max(len(i) for i in ids)
     check_context(model, longest, max_new_tokens)
-    decoder = None if exit is None else ExitDecoder(model, exit, kv, shortcut)
+    model.hook_caller(hooks)                                     # unknown hook names fail before any work
+    decoder = None if exit is None else ExitDecoder(model, exit, kv, shortcut, hooks)
     stream = TextStream(model.tokenizer)
     on_token = None if on_text is None else (lambda i, token: on_text(stream.push(token)))
     rows = decode(model, ids, batch_size, max_new_tokens,
                   pick=lambda i, logits: sample(logits, temperature, top_k, top_p, rngs[i]),
-                  stop_ids=model.config.eos_token_ids if stop_at_eos else (), decoder=decoder, on_token=on_token)
+                  stop_ids=model.config.eos_token_ids if stop_at_eos else (), decoder=decoder, on_token=on_token,
+                  hooks=hooks)
 
     def results():
         for row in rows:

@@ -1,7 +1,7 @@
 """The LLaMA building blocks as pure NumPy functions. All inputs and outputs are float32.
 
 Shapes: B batch, T new positions, S positions attended to (cache + new), D model width,
-H query heads, KV key/value heads, hd head width, F SwiGLU width, V vocabulary.
+H query heads, KV key/value heads, hd head width, F gated FFN width, V vocabulary.
 """
 import math
 
@@ -39,15 +39,29 @@ def silu(x):
     return x * (0.5 + 0.5 * np.tanh(0.5 * x))
 
 
-def swiglu(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
-    """LLaMA FFN: down(silu(gate(x)) * up(x)); x (..., D) -> (..., D) through width F."""
-    hidden = silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up)   # (..., F)
-    return linear(hidden, w_down, b_down)                              # (..., D)
+def gelu_tanh(x):
+    """GELU in its tanh approximation (PyTorch's approximate="tanh"), Gemma's FFN activation."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_pytorch_tanh": gelu_tanh}     # config.json names -> functions
+
+
+def gated_ffn(x, act, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
+    """The FFN: down(act(gate(x)) * up(x)); x (..., D) -> (..., D) through width F. act = silu is
+    LLaMA's SwiGLU, tanh GELU Gemma's GeGLU."""
+    hidden = ACTIVATIONS[act](linear(x, w_gate, b_gate)) * linear(x, w_up, b_up)   # (..., F)
+    return linear(hidden, w_down, b_down)                                          # (..., D)
 
 
 def softmax(x, axis=-1):
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def softcap(x, cap):
+    """Soft-capping (Gemma): cap * tanh(x / cap) keeps |x| below cap and leaves small x as they are."""
+    return cap * np.tanh(x / cap)
 
 
 # ---------------------------------------------------------------- RoPE
@@ -92,22 +106,28 @@ def apply_rope(x, cos, sin):
 
 # ---------------------------------------------------------------- attention
 
-def causal_mask(positions, S):
-    """(B, T, S) bool: the token at position positions[b, t] may look at key j iff j <= its position."""
-    return np.arange(S) <= positions[..., None]
+def causal_mask(positions, S, window=None):
+    """(B, T, S) bool: the token at position positions[b, t] may look at key j iff j <= its position,
+    and, in a sliding-window layer, j > its position - window (the last `window` positions)."""
+    keys = np.arange(S)
+    mask = keys <= positions[..., None]
+    if window is not None:
+        mask &= keys > positions[..., None] - window
+    return mask
 
 
-def attention(q, k, v, mask):
+def attention(q, k, v, mask, scale=None):
     """Grouped-query attention. q (B, H, T, hd); k, v (B, KV, S, hd); mask (B, T, S) -> (B, H, T, hd).
 
     The G = H/KV query heads that share a key/value head are stacked as extra rows, so one
-    batched matmul per KV head serves them all (MHA: G=1, MQA: KV=1).
+    batched matmul per KV head serves them all (MHA: G=1, MQA: KV=1). scale: of the scores,
+    default hd ** -0.5.
     """
     B, H, T, hd = q.shape
     KV = k.shape[1]
     G = H // KV
     q = q.reshape(B, KV, G * T, hd)                                   # rows: (g, t) pairs
-    scores = (q @ k.transpose(0, 1, 3, 2)) * hd ** -0.5               # (B, KV, G*T, S)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * (hd ** -0.5 if scale is None else scale)   # (B, KV, G*T, S)
     scores = scores.reshape(B, KV, G, T, -1)
     scores = np.where(mask[:, None, None], scores, -np.inf)           # hide later positions, unfilled cache slots
     probs = softmax(scores).reshape(B, KV, G * T, -1)

@@ -29,7 +29,7 @@ import numpy as np
 from .hooks import exit_point_names
 from .lens import windows
 from .loading import fingerprint
-from .ops import softmax
+from .ops import softcap, softmax
 from .parallel import map_windows
 
 METHODS = ("lstsq", "kl")                 # least squares; least squares refined on KL
@@ -203,17 +203,23 @@ def kl_and_grad(model, x, w, b, q):
     """Mean KL(q || softmax(unembed(x w + b))) over n tokens and its gradient in w (D, D), b (D,).
 
     x (n, D) states at one exit point, q (n, V) the final distributions. Backpropagates by hand
-    through the LM head and the final RMSNorm (y = g * z / r, r = sqrt(mean(z^2) + eps))."""
-    n = len(x)
+    through the LM head (and its soft-capping, if the model has one) and the final RMSNorm
+    (y = g * z / r, r = sqrt(mean(z^2) + eps), g its scale: the weight, or 1 + weight for Gemma)."""
+    n, cap = len(x), model.config.final_softcap
+    g = model.config.norm_offset + model.final_norm                            # (D,)
     z = x @ w + b                                                              # (n, D)
     r = np.sqrt(np.mean(z * z, axis=-1, keepdims=True) + model.config.norm_eps)   # (n, 1)
     u = z / r                                                                  # (n, D) unit RMS
-    logits = (u * model.final_norm) @ model.lm_head.T                          # (n, V)
+    logits = (u * g) @ model.lm_head.T                                         # (n, V)
+    if cap is not None:
+        logits = softcap(logits, cap)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     kl = float(np.sum(q * (np.log(np.maximum(q, 1e-30)) - logp)) / n)
     d_logits = (np.exp(logp) - q) / n                                          # (n, V)
-    d_u = (d_logits @ model.lm_head) * model.final_norm                        # (n, D)
+    if cap is not None:
+        d_logits *= 1 - (logits / cap) ** 2                                    # through cap * tanh(a / cap)
+    d_u = (d_logits @ model.lm_head) * g                                       # (n, D)
     d_z = (d_u - u * np.mean(d_u * u, axis=-1, keepdims=True)) / r             # (n, D)
     return kl, x.T @ d_z, d_z.sum(0)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .exits import ExitDecoder, parse_gate
+from .exits import ExitDecoder, default_min_point, parse_gate
 from .generate import (Generation, TextStream, check_context, check_sampling, draw, encode_prompt, generated_text,
                        probabilities, sample)
 from .lens import shortcut_label
@@ -69,16 +69,17 @@ class DraftDecoder(ExitDecoder):
             super().fill_skipped(points, states, positions, kv, rows)
 
 
-def draft_decoder(model, draft, k, shortcut=None):
-    """A DraftDecoder for the draft gate spec (drafts decoded through the shortcut, if any), once
-    draft and k are checked (errors name the fix)."""
+def draft_decoder(model, draft, k, shortcut=None, hooks=None):
+    """A DraftDecoder for the draft gate spec (None: fixed at the start of the network's last third,
+    exits.default_min_point; drafts decoded through the shortcut, if any, with the hooks of
+    Model.forward), once draft and k are checked (errors name the fix)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (tokens drafted per cycle) must be a whole number >= 1, got {k!r}")
-    gate = parse_gate(draft)
+    gate = parse_gate(f"fixed:{default_min_point(2 * model.config.n_layers)}" if draft is None else draft)
     if gate.kind == "oracle":
         raise ValueError("the oracle gate runs the full model to find its exit point, so it cannot "
                          "draft; draft with fixed:P or a gate such as confidence:0.9")
-    return DraftDecoder(model, gate, "copy", shortcut)
+    return DraftDecoder(model, gate, "copy", shortcut, hooks)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def draft(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng=Non
         points.append(p)
         states.append(trace[start])
         starts.append(start)
-    states.append(decoder.model.embed_tokens[token])                        # the last row: input dk
+    states.append(decoder.hook("hook_embed", decoder.model.embed(np.array([[token]])))[0, 0])   # the last row: input dk
     starts.append(-1)
     return drafts, (np.array(qs) if qs else None), points, np.stack(states), np.array(starts)
 
@@ -205,13 +206,15 @@ def speculate(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng
 
 # ------------------------------------------------------------------ generation
 
-def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=DEFAULT_K, shortcut=None,
+def speculative_generate(model, prompt, max_new_tokens=32, draft=None, k=DEFAULT_K, shortcut=None,
                          temperature=0.0, seed=None, top_k=None, top_p=None, chat=False, stop_at_eos=True,
-                         on_text=None):
+                         on_text=None, hooks=None):
     """Continue `prompt` (text or ids) like minee.generate, drafting k tokens per cycle by early
-    exit (draft: a gate spec, e.g. "fixed:39" = after block 19's FFN) and keeping only what the full
-    model confirms. shortcut (minee.shortcuts.Shortcuts): decode the drafts through its affine
-    maps; verification still continues from the exit states themselves.
+    exit (draft: a gate spec, e.g. "fixed:39" = after block 19's FFN; None: fixed at the start of
+    the network's last third, point 39 of SmolLM2's 60) and keeping only what the full model
+    confirms. shortcut (minee.shortcuts.Shortcuts): decode the drafts through its affine maps;
+    verification still continues from the exit states themselves. hooks: as for generate, called
+    in the prefill, the drafts and the verification.
 
     Greedy (temperature 0), the tokens are minee.generate's. Sampling draws every token from
     exactly the distribution generate samples from, though not the same tokens for a seed (the
@@ -222,7 +225,7 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
     mean_draft_point, draft_s and verify_s (seconds drafting and verifying). exit_points: the draft
     point of each accepted draft, the last point for the full model's tokens.
     """
-    decoder = draft_decoder(model, draft, k, shortcut)
+    decoder = draft_decoder(model, draft, k, shortcut, hooks)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     ids = encode_prompt(model, prompt, chat)
     check_context(model, len(ids), max_new_tokens)
@@ -240,7 +243,7 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft="fixed:39", k=D
         return len(tokens) < max_new_tokens and not (stop_at_eos and token in eos)
 
     t0 = time.perf_counter()
-    logits = model.forward(ids, kv_cache=cache, last_only=True)[0, -1]     # prefill: (V,)
+    logits = model.forward(ids, kv_cache=cache, hooks=hooks, last_only=True)[0, -1]     # prefill: (V,)
     t1 = time.perf_counter()
     going = emit(sample(logits, temperature, top_k, top_p, rng), decoder.n_points - 1)
     while going:

@@ -181,7 +181,7 @@ def check_values(array, what):
 
 
 def expected_shapes(config) -> dict:
-    """Checkpoint name -> shape for every tensor a LLaMA with this config must have."""
+    """Checkpoint name -> shape for every tensor a model with this config must have."""
     D, F, V, hd = config.d_model, config.d_ff, config.vocab_size, config.head_dim
     q, kv = config.n_heads * hd, config.n_kv_heads * hd
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
@@ -200,13 +200,39 @@ def expected_shapes(config) -> dict:
             p + "mlp.up_proj.weight": (F, D),
             p + "mlp.down_proj.weight": (D, F),
         })
-        if config.attention_bias:
+        if config.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if config.post_norms:
+            shapes.update({p + "pre_feedforward_layernorm.weight": (D,), p + "post_feedforward_layernorm.weight": (D,)})
+        if config.attention_bias or config.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (D,)})
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if config.attention_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (D,)
         if config.mlp_bias:
             shapes.update({p + "mlp.gate_proj.bias": (F,), p + "mlp.up_proj.bias": (F,),
                            p + "mlp.down_proj.bias": (D,)})
     return shapes
+
+
+# A multimodal gemma3 checkpoint holds its text model under other names, beside parts minee does not run.
+TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+                       "model.language_model.": "model."}
+OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def text_model_names(where, config) -> dict:
+    """The headers {name: (file, entry)} under the text model's names: for a multimodal gemma3
+    checkpoint its language model's tensors renamed and the vision parts left out; others as they are."""
+    if config.model_type != "gemma3":
+        return where
+    renamed = {}
+    for name, entry in where.items():
+        if name.startswith(OTHER_PARTS):
+            continue
+        old = next((o for o in TEXT_MODEL_PREFIXES if name.startswith(o)), None)
+        renamed[name if old is None else TEXT_MODEL_PREFIXES[old] + name[len(old):]] = entry
+    return renamed
 
 
 def _ignorable(name, config):
@@ -249,7 +275,7 @@ def available_memory():
 def load_weights(model_dir, config) -> dict:
     """Checkpoint name -> float32 array, checked against the config before any tensor is read."""
     want = expected_shapes(config)
-    where = read_headers(safetensors_files(model_dir))
+    where = text_model_names(read_headers(safetensors_files(model_dir)), config)
     problems = _mismatches(where, want, config)
     if problems:
         shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
