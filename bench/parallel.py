@@ -4,7 +4,7 @@
                              [--repeats 2] [--json]
 
 1. Measures the parts of the cost model:
-   - start(N): N cold joblib workers starting, importing minee and loading the model (timed as N
+   - start(N): N cold joblib workers starting, importing minee and getting the model (timed as N
      one-token windows on N fresh workers): what a run with N workers pays once;
    - window: the 1-worker runs' seconds per window (1 BLAS thread), turned into seconds on an idle
      core by the share of the CPU the run had (below);

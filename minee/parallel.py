@@ -219,12 +219,7 @@ def _shared_copy(model):
 def _read_shared_copy(folder):
     """The model _shared_copy wrote into folder, its arrays memory-mapped (read-only, shared by
     every process that maps them)."""
-    if not os.path.isdir(folder):
-        import socket
-        raise RuntimeError(f"the worker on {socket.gethostname()} cannot see the folder {folder} through which "
-                           "minee shares the model with worker processes on this machine; for workers on "
-                           "other machines use a Dask cluster (minee.parallel.dask_cluster)")
-    mapped = {}
+    mapped = {}                                                          # file number -> its array
 
     def load_array(n):
         if n not in mapped:
