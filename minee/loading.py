@@ -1,5 +1,5 @@
 """Where a model comes from: a directory or a known name in, a Model out, and a fingerprint to
-tell loaded models apart (shortcut files and worker processes check it)."""
+tell loaded models apart (shortcut files and Dask workers check it)."""
 import dataclasses
 import hashlib
 import json
@@ -51,8 +51,8 @@ def fingerprint(model, every_value=False):
     It does not see the config, nor an edit that leaves the ends of every tensor alone.
 
     every_value=True: a hash of the config and of every byte of every weight (blake2b), so any
-    edit changes it. It reads all the weights: about a second per GB. Dask workers, which load the
-    model again from its source, compare it with the caller's model (minee.parallel)."""
+    edit changes it, at the cost of reading every weight once. Dask workers, which load the model
+    again from its source, compare it with the caller's model's (minee.parallel)."""
     if every_value:
         h = hashlib.blake2b(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode(), digest_size=16)
     else:

@@ -125,8 +125,17 @@ def children(pid):
     return [c for c, stat in stats.items() if stat is not None and stat[1] == pid and stat[0] != "Z"]
 
 
+def mapped_folders(pid):
+    """The shared-copy folders (minee-workers-*) a process has files of memory-mapped."""
+    try:
+        return set(re.findall(r"\S*/minee-workers-[^/\s]+", Path(f"/proc/{pid}/maps").read_text()))
+    except OSError:
+        return set()
+
+
 def test_ctrl_c_stops_the_workers(tiny_with_tokenizer, tmp_path):
-    """SIGINT (Ctrl-C) once windows are done: exit code 130, one line, and no worker left behind."""
+    """SIGINT (Ctrl-C) once windows are done: exit code 130, one line, no worker left behind, and
+    the temporary folder of the model the workers shared is removed."""
     p = subprocess.Popen([sys.executable, "-m", "minee", "analyze", "--model", str(tiny_with_tokenizer),
                           "--out", str(tmp_path), "--max-tokens", "4000", "--window", "50", "--gen-prompts", "0",
                           "--workers", "2"], stderr=subprocess.PIPE, env=cli_env({}))   # 80 windows
@@ -137,6 +146,8 @@ def test_ctrl_c_stops_the_workers(tiny_with_tokenizer, tmp_path):
         seen += chunk
     workers = children(p.pid)
     assert len(workers) >= 2
+    shared = set().union(*map(mapped_folders, workers))
+    assert shared and all(Path(f).is_dir() for f in shared)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=BOUND_S)
     assert p.returncode == 130
@@ -145,6 +156,7 @@ def test_ctrl_c_stops_the_workers(tiny_with_tokenizer, tmp_path):
     while any(map(running, workers)) and time.time() < deadline:
         time.sleep(0.2)
     assert not [w for w in workers if running(w)]
+    assert not [f for f in shared if Path(f).exists()]
 
 
 def test_a_killed_worker_is_a_clear_error_naming_the_window(tiny_with_tokenizer, tmp_path):
