@@ -4,7 +4,7 @@
                              [--repeats 2] [--json]
 
 1. Measures the parts of the cost model:
-   - start(N): N cold joblib workers starting, importing minee and loading the model (timed as N
+   - start(N): N cold joblib workers starting, importing minee and getting the model (timed as N
      one-token windows on N fresh workers): what a run with N workers pays once;
    - window: the 1-worker runs' seconds per window (1 BLAS thread), turned into seconds on an idle
      core by the share of the CPU the run had (below);
@@ -92,7 +92,7 @@ def share(k, busy):
 
 
 def start_seconds(model, ids, workers, repeats=2):
-    """Wall time for `workers` fresh joblib workers to start, import minee, load the model and
+    """Wall time for `workers` fresh joblib workers to start, import minee, get the model and
     compute a one-token window each: what a run with that many workers pays once."""
     times = []
     for _ in range(repeats):
@@ -112,7 +112,7 @@ def result_seconds(model, ids, span):
 
 
 def shut_down_workers():
-    """Stop loky's reusable workers, so the next run starts (and loads the model) afresh."""
+    """Stop loky's reusable workers, so the next run starts (and gets the model) afresh."""
     from joblib.externals.loky import get_reusable_executor
     get_reusable_executor().shutdown(wait=True)
 

@@ -313,12 +313,14 @@ def cmd_train_gate(args):
 
 
 def cmd_shortcuts_fit(args):
-    from .analysis import corpus_ids
-    from .shortcuts import fit, refine
+    from .analysis import check_run_sizes, corpus_ids
+    from .shortcuts import check_ridge, fit, refine
     max_tokens = token_limit(args.max_tokens)
     check_output_file(args.out)
-    if args.kl_steps < 0 or args.ridge < 0 or args.skip_tokens < 0:
-        raise ValueError("--kl-steps (0 = least squares only), --ridge and --skip-tokens must be >= 0")
+    check_run_sizes(args.window)
+    check_ridge(args.ridge)
+    if args.kl_steps < 0 or args.skip_tokens < 0:
+        raise ValueError("--kl-steps (0 = least squares only) and --skip-tokens must be >= 0")
     model = minee.load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; fitting shortcuts encodes a text corpus")

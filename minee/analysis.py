@@ -14,7 +14,7 @@ import numpy as np
 from .exits import (KV_MODES, Gate, cosine, default_min_point, first_match_point, logit_features, patience_runs,
                     stable_point, train_learned_gate)
 from .hooks import exit_point_names
-from .lens import log_softmax, point_chunks, point_logits, shortcut_label, windows
+from .lens import check_window, log_softmax, point_chunks, point_logits, shortcut_label, windows
 from .parallel import map_windows
 from .shortcuts import Shortcuts
 
@@ -68,8 +68,7 @@ def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
 
 def check_run_sizes(window, gen_prompts=None, gen_tokens=None):
     """The sizes of an analysis run, checked before any work (None = the scaled default)."""
-    if window < 1:
-        raise ValueError(f"window (tokens scored per forward pass) must be >= 1, got {window}")
+    check_window(window)
     if gen_prompts is not None and gen_prompts < 0:
         raise ValueError(f"gen_prompts (E5 prompts) must be >= 0 (0 skips E5), got {gen_prompts}")
     if gen_tokens is not None and gen_tokens < 1:
@@ -84,6 +83,8 @@ def teacher_forced(model, ids, window=256, context=128, progress=True, shortcut=
     through these shortcuts (minee.shortcuts) instead of plainly. workers: processes computing
     windows side by side (minee.parallel; the same table). Returns (table, perplexity).
     """
+    if len(ids) < 2:
+        raise ValueError(f"teacher forcing needs at least 2 tokens (an input and its next token), got {len(ids)}")
     if shortcut is not None:
         shortcut.check_model(model)
     maps = () if shortcut is None else (shortcut.weight, shortcut.bias)       # arrays travel once per worker

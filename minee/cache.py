@@ -47,7 +47,10 @@ class KVCache:
         return start[:, None] + np.arange(T)                            # (n, T)
 
     def check_room(self, B, T, rows=None):
-        """Raise a clear error before a forward pass that would not fit."""
+        """Raise a clear error before a forward pass that would not fit, or that names rows
+        (other than None, all of them) that are not distinct rows of this cache."""
+        if rows is not None:
+            self.check_rows(rows)
         n = self.batch_size if rows is None else len(rows)
         if B != n:
             raise ValueError(f"input has batch size {B} but {n} cache rows were given; make a cache "
@@ -57,6 +60,18 @@ class KVCache:
             raise CacheFullError(f"KV cache holds {self.max_len} positions per row and {longest} are "
                                  f"needed; make a bigger one with model.new_kv_cache(batch_size, "
                                  f"max_len={longest})")
+
+    def check_rows(self, rows):
+        """rows must be distinct whole numbers 0 .. batch_size-1, one per sequence of the batch."""
+        r = np.asarray(rows)
+        fix = f"pass rows= as distinct cache rows 0 .. {self.batch_size - 1}, one per sequence of the input"
+        if r.ndim != 1 or (r.size and r.dtype.kind not in "iu"):
+            raise ValueError(f"rows must be a list of row numbers, got {rows!r}; {fix}")
+        bad = r[(r < 0) | (r >= self.batch_size)]
+        if bad.size:
+            raise ValueError(f"row {int(bad[0])} is not a row of this KV cache, which has {self.batch_size}; {fix}")
+        if len(np.unique(r)) != len(r):
+            raise ValueError(f"rows {r.tolist()} name a row twice, which would write two sequences into one; {fix}")
 
     def write(self, layer, k, v, positions, rows=None):
         """Store k, v (n, KV, T, hd) at positions (n, T) of the given rows (default all) of one layer."""

@@ -134,6 +134,7 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
                    chat=False, stop_at_eos=True, on_text=None, exit=None, kv=None, shortcut=None, hooks=None):
     """generate() for a list of prompts (of any token lengths) decoded together: one Generation per prompt.
 
+    prompts: texts or lists of ids; a 2-D int array (B, T) is B prompts of T ids, one per row.
     Each prompt is prefilled into a KV cache row of its own; then every step decodes the rows
     together (one matrix product per weight), each row at its own position. A row that finishes
     (EOS or max_new_tokens) stops computing; with early exit, a row that exits stops computing
@@ -142,6 +143,7 @@ def generate_batch(model, prompts, max_new_tokens=32, temperature=0.0, top_k=Non
     seed=that seed) token for token. Each result's stats are its own row's. on_text streams a
     single prompt only. The same as generate_many with batch_size=len(prompts).
     """
+    prompts = prompt_list(prompts)
     results = _start(model, prompts, len(prompts), max_new_tokens, temperature, top_k, top_p, seed, chat,
                      stop_at_eos, exit, kv, shortcut, hooks, on_text)
     return list(_in_order(results, len(prompts), progress=False))
@@ -154,19 +156,33 @@ def generate_many(model, prompts, batch_size=16, max_new_tokens=32, temperature=
     per prompt, in prompt order.
 
     A queue (minee/batch.py): when a row finishes, its KV cache row takes the next waiting prompt
-    right away, so the batch stays full. The arguments are generate's; seed as in generate_batch
+    right away, so the batch stays full. The arguments are generate's; prompts and seed as in generate_batch
     (prompt i always samples from the same stream, whichever row it lands in), so result i equals
     generate(prompts[i], ...) token for token. progress: a progress bar on stderr (default: when
     there are more prompts than batch_size). Bad arguments and prompts are errors before anything
     is decoded. The KV cache holds batch_size x (longest prompt + max_new_tokens) positions.
     """
-    prompts = prompts if isinstance(prompts, str) else list(prompts)
+    prompts = prompt_list(prompts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     results = _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat,
                      stop_at_eos, exit, kv, shortcut, hooks)
     show = len(prompts) > batch_size if progress is None else progress
     return _in_order(results, len(prompts), show)
+
+
+def prompt_list(prompts):
+    """The prompts as a list of texts or sequences of ids (a 2-D array of ids (B, T): its B rows),
+    or a clear error for a single text, a single sequence of ids or no prompt."""
+    if isinstance(prompts, str):
+        raise ValueError("pass a list of prompts (texts or lists of ids); for one prompt use minee.generate")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given; pass a list with at least one prompt")
+    if any(isinstance(p, (int, np.integer)) for p in prompts):
+        raise ValueError("prompts holds bare token ids, but each prompt is a text or a list of ids: pass [ids] "
+                         "for one prompt (or use minee.generate), or a 2-D array (B, T) for B prompts of T ids")
+    return prompts
 
 
 def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat, stop_at_eos,
@@ -182,10 +198,6 @@ def _start(model, prompts, batch_size, max_new_tokens, temperature, top_k, top_p
     if shortcut is not None and exit is None:
         raise ValueError("a shortcut changes how early exits are decoded; give an exit gate too "
                          "(exit=..., --exit on the command line)")
-    if isinstance(prompts, str):
-        raise ValueError("pass a list of prompts (texts or lists of ids); for one prompt use minee.generate")
-    if not prompts:
-        raise ValueError("no prompts given; pass a list with at least one prompt")
     if on_text is not None and len(prompts) != 1:
         raise ValueError("on_text streams one sequence; pass a single prompt to stream")
     ids = [encode_prompt(model, p, chat) for p in prompts]

@@ -155,7 +155,17 @@ def windows(n_positions, window=256, context=128):
     made from a cut-off context. Consecutive windows score disjoint positions, so sums over
     windows can be added in any order.
     """
+    check_window(window, context)
     return [(max(0, s - context), s, min(s + window, n_positions)) for s in range(0, n_positions, window)]
+
+
+def check_window(window, context=0):
+    """A clear error unless window (positions scored per forward pass) is a whole number >= 1 and
+    context (earlier positions each window sees, unscored) one >= 0."""
+    for name, value, least, what in (("window", window, 1, "tokens scored per forward pass"),
+                                     ("context", context, 0, "earlier tokens each window sees")):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} ({what}) must be a whole number >= {least}, got {value!r}")
 
 
 def corpus_lens(model, ids, window=256, progress=True, shortcut=None):
@@ -165,6 +175,7 @@ def corpus_lens(model, ids, window=256, progress=True, shortcut=None):
     ids = np.asarray(ids)
     if len(ids) < 2:
         raise ValueError(f"corpus_lens needs at least 2 tokens (an input and its next token), got {len(ids)}")
+    check_window(window)
     if shortcut is not None:
         shortcut.check_model(model)
     sums, counts = {}, {}

@@ -1,7 +1,11 @@
 """Where a model comes from: a directory or a known name in, a Model out, and a fingerprint to
-tell loaded models apart (shortcut files and worker processes check it)."""
+tell loaded models apart (shortcut files and Dask workers check it)."""
+import dataclasses
 import hashlib
+import json
 from pathlib import Path
+
+import numpy as np
 
 from .config import load_config
 from .model import Model
@@ -38,15 +42,23 @@ def load(src, progress=True) -> Model:
     return Model(config, load_weights(path, config), load_tokenizer(path), source=str(src))
 
 
-def fingerprint(model):
-    """A short hash of every weight tensor's name, shape and first and last values.
+def fingerprint(model, every_value=False):
+    """A hash that tells loaded models apart.
 
+    Default: a short hash of every weight tensor's name, shape and first and last 256 values.
     Cheap (milliseconds) but different for any other checkpoint, fine-tunes included, so
-    shortcuts fitted on one model are never silently applied to another, and a worker that
-    loaded another model than the one it was sent for is caught."""
-    h = hashlib.sha256()
+    shortcuts fitted on one model are never silently applied to another (shortcut files store it).
+    It does not see the config, nor an edit that leaves the ends of every tensor alone.
+
+    every_value=True: a hash of the config and of every byte of every weight (blake2b), so any
+    edit changes it, at the cost of reading every weight once. Dask workers, which load the model
+    again from its source, compare it with the caller's model's (minee.parallel)."""
+    if every_value:
+        h = hashlib.blake2b(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode(), digest_size=16)
+    else:
+        h = hashlib.sha256()
     for name in sorted(model.params):
-        flat = model.params[name].reshape(-1)
+        flat = np.ascontiguousarray(model.params[name]).reshape(-1)
         h.update(f"{name}:{model.params[name].shape}:{flat.dtype};".encode())
-        h.update(flat[:256].tobytes() + flat[-256:].tobytes())
-    return h.hexdigest()[:16]
+        h.update(flat if every_value else flat[:256].tobytes() + flat[-256:].tobytes())
+    return h.hexdigest() if every_value else h.hexdigest()[:16]

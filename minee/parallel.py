@@ -9,11 +9,24 @@ each a map over windows followed by a concatenation or a sum. `map_windows` is t
   inside `dask_cluster(address)` or `joblib.parallel_config(backend="dask")`, to the workers of a
   Dask cluster, which may live on other machines.
 
-Workers are never sent the model. Each loads it once, from its source (its directory, or a known
-name such as smollm2-135m), with 1 BLAS thread, checks that it is the same model (its
-fingerprint), and keeps it for every window it is given. Arguments shared by all windows (the
-token ids, shortcut maps) should be NumPy arrays: joblib sends an array to the workers once
-(memory-mapped by loky, scattered by Dask), while anything else travels with every window.
+The workers compute on the model the caller holds, edits made in memory included, or refuse:
+
+- Local workers (loky, or joblib's multiprocessing and threading backends): for every map the
+  caller writes its model once into a temporary folder (on /dev/shm when it has room): the model
+  object pickled, with every NumPy array in it saved beside it as a .npy file. Each worker rebuilds
+  the model with those arrays memory-mapped, so all of them share one copy in memory, and keeps it
+  for the map's later windows (loky reuses its processes from one map to the next: the folder,
+  new for every map, is what they key it on). The folder is removed when the map ends, also on an
+  error or Ctrl-C. A model built in memory works too.
+- A Dask cluster: the workers, possibly on other machines, load the model themselves from its
+  source (its directory, or a known name such as smollm2-135m), with 1 BLAS thread, and keep it.
+  Each checks that its config and every byte of its weights hash to the caller's model's
+  (loading.fingerprint(..., every_value=True)), so a model edited in memory, or another model at
+  that path on another machine, is an error, never a silent difference.
+
+Arguments shared by all windows (the token ids, shortcut maps) should be NumPy arrays: joblib
+sends an array to the workers once (memory-mapped by loky, scattered by Dask), while anything else
+travels with every window.
 
 Results come back in window order, and each window is computed by the same code as in the loop,
 so the output is the same, bit for bit, as long as the workers use the same BLAS kernel (another
@@ -22,12 +35,17 @@ CPU or BLAS can change float32 sums in their last bits).
 import functools
 import operator
 import os
+import pickle
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from concurrent.futures import BrokenExecutor, CancelledError
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from .loading import fingerprint, load
 from .threads import set_threads
@@ -48,8 +66,9 @@ def map_windows(fn, model, spans, *shared, workers=1, group=1, desc="windows", p
     workers: processes to spread the windows over; -1 means every core (or every thread of the
     Dask cluster); 1 runs them here. The progress bar counts finished windows, in order.
     """
-    if not isinstance(workers, int) or (workers < 1 and workers != -1):
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or (workers < 1 and workers != -1):
         raise ValueError(f"workers must be a whole number >= 1, or -1 for every core; got {workers!r}")
+    workers = int(workers)
     from tqdm.auto import tqdm
     groups = [spans[i:i + group] for i in range(0, len(spans), group)]
     n_jobs = 1 if workers == 1 else _n_jobs(workers, len(groups))
@@ -77,10 +96,9 @@ def _group_result(fn, model, group, shared):
 def _on_workers(fn, model, groups, group, shared, n_jobs):
     """The groups' results from joblib workers, in order; a dead worker is a WorkerError."""
     from joblib import Parallel, delayed
-    source, expected = _worker_source(model), fingerprint(model)
-    tasks = (delayed(_in_worker)(fn, source, expected, i * group, g, *shared) for i, g in enumerate(groups))
     done = 0
-    with _stop_when_a_dask_worker_leaves() as gone:
+    with _model_for_workers(model) as model_at, _stop_when_a_dask_worker_leaves() as gone:
+        tasks = (delayed(_in_worker)(fn, model_at, i * group, g, *shared) for i, g in enumerate(groups))
         try:
             for result in Parallel(n_jobs=n_jobs, return_as="generator")(tasks):
                 done += 1
@@ -93,8 +111,9 @@ def _on_workers(fn, model, groups, group, shared, n_jobs):
             raise WorkerError(
                 f"a worker process died (killed, out of memory or crashed: {what}) while computing "
                 f"window {done * group + 1} of {sum(map(len, groups))} (positions {start}..{end - 1}) or a "
-                "later one; the windows before it were done. Each worker holds a copy of the model: check "
-                "the workers' memory and run again, with fewer workers if memory is short") from None
+                "later one; the windows before it were done. Check the workers' memory (each needs room for its "
+                "windows, and on a Dask cluster for its own copy of the model) and run again, with fewer "
+                "workers if memory is short") from None
 
 
 def _death_errors():
@@ -116,8 +135,7 @@ def _stop_when_a_dask_worker_leaves(interval_s=1.0):
     never delivered). A clear error within a second or two is better than a run that may hang;
     so keep the cluster's size fixed while windows run (an adaptive cluster scaling down counts
     as a lost worker too)."""
-    from joblib.parallel import get_active_backend
-    client = getattr(get_active_backend()[0], "client", None)             # only the Dask backend has one
+    client = _dask_client()
     if client is None:
         yield lambda: []
         return
@@ -146,44 +164,122 @@ def _stop_when_a_dask_worker_leaves(interval_s=1.0):
         watcher.join()
 
 
+def _dask_client():
+    """The Dask client of joblib's active backend (dask_cluster, parallel_config(backend="dask")),
+    or None for a backend whose workers run on this machine."""
+    from joblib.parallel import get_active_backend
+    return getattr(get_active_backend()[0], "client", None)              # only the Dask backend has one
+
+
+@contextmanager
+def _model_for_workers(model):
+    """Where the workers find the model, as the arguments of _worker_model: with local workers,
+    (a temporary folder holding this very model, None); with Dask, (its source, the hash of its
+    config and weights) for the workers to load and check."""
+    if _dask_client() is None:
+        with _shared_copy(model) as folder:
+            yield folder, None
+    else:
+        yield _worker_source(model), fingerprint(model, every_value=True)
+
+
+SHARED_ROOTS = ("/dev/shm", None)      # where _shared_copy writes: the first with room (None: TMPDIR or /tmp)
+
+
+@contextmanager
+def _shared_copy(model):
+    """A temporary folder holding the model for local workers: model.pkl, the model object
+    pickled with each of its NumPy arrays saved beside it as N.npy (read by _read_shared_copy).
+    Removed on exit, on an error or Ctrl-C too."""
+    roots = [root or tempfile.gettempdir() for root in SHARED_ROOTS]
+    size = sum(a.nbytes for a in model.params.values())
+    root = next((r for r in roots if os.path.isdir(r) and shutil.disk_usage(r).free > 1.1 * size + 2**26), None)
+    if root is None:
+        raise OSError(f"worker processes share the model through a temporary folder, which needs {size / 1e6:,.1f} "
+                      f"MB; none of {', '.join(roots)} has that much free space: free some, point TMPDIR at a "
+                      "larger disk, or use workers=1")
+    with tempfile.TemporaryDirectory(prefix="minee-workers-", dir=root) as folder:
+        saved = {}                                                       # id(array) -> its file number
+
+        def save_array(obj):
+            if not isinstance(obj, np.ndarray) or obj.dtype.hasobject:
+                return None                                              # pickled as usual
+            if id(obj) not in saved:
+                saved[id(obj)] = len(saved)
+                np.save(Path(folder) / f"{saved[id(obj)]}.npy", obj)
+            return saved[id(obj)]
+
+        with open(Path(folder) / "model.pkl", "wb") as f:
+            pickler = pickle.Pickler(f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickler.persistent_id = save_array
+            pickler.dump(model)
+        yield folder
+
+
+def _read_shared_copy(folder):
+    """The model _shared_copy wrote into folder, its arrays memory-mapped (read-only, shared by
+    every process that maps them)."""
+    mapped = {}                                                          # file number -> its array
+
+    def load_array(n):
+        if n not in mapped:
+            mapped[n] = np.load(Path(folder) / f"{n}.npy", mmap_mode="r")
+        return mapped[n]
+
+    with open(Path(folder) / "model.pkl", "rb") as f:
+        unpickler = pickle.Unpickler(f)
+        unpickler.persistent_load = load_array
+        return unpickler.load()
+
+
 def _worker_source(model):
-    """What a worker loads: the model's directory as an absolute path, or its known name."""
+    """What a Dask worker loads: the model's directory as an absolute path, or its known name."""
     if model.source is None:
-        raise ValueError("workers load the model themselves from its directory, but this model was "
-                         "built in memory (model.source is None); load it with minee.load(DIRECTORY), "
-                         "or use workers=1")
+        raise ValueError("the workers of a Dask cluster load the model themselves from its directory, but this "
+                         "model was built in memory (model.source is None): load it with minee.load(DIRECTORY), "
+                         "or compute with worker processes on this machine (workers=N outside dask_cluster), "
+                         "which compute on the model you hold")
     path = Path(model.source).expanduser()
     return str(path.resolve()) if path.exists() else str(model.source)
 
 
 # ------------------------------------------------------------------ in the worker process
 
-_loaded = {}                       # (source, fingerprint) -> the one model this process keeps
+_loaded = {}                       # (source or folder, hash or None) -> the one model this process keeps
 _loading = threading.Lock()        # a Dask worker may run several windows at once, in threads
 
 
-def _in_worker(fn, source, expected, first, group, *shared):
-    """One group of windows, in a worker: the model is loaded on the first call and kept."""
+def _in_worker(fn, model_at, first, group, *shared):
+    """One group of windows, in a worker: the model is read on the first call and kept."""
     if os.environ.get(KILL_HOOK) == str(first):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _group_result(fn, _worker_model(source, expected), group, shared)
+    return _group_result(fn, _worker_model(*model_at), group, shared)
 
 
-def _worker_model(source, expected):
-    """The model at `source`, loaded once per process with 1 BLAS thread, checked to have the
-    fingerprint `expected` (a worker on another machine may find another model at that path)."""
+def _worker_model(where, expected):
+    """The model a worker computes on, read once per map (local workers: expected is None, and
+    `where` the folder of _shared_copy) or once per process (Dask: loaded from its source `where`
+    and checked to hash to `expected`), with 1 BLAS thread."""
     with _loading:
-        if (source, expected) not in _loaded:
+        if (where, expected) not in _loaded:
             _loaded.clear()                                  # one model at a time
             set_threads(1)
-            model = load(source, progress=False)
-            if fingerprint(model) != expected:
-                import socket
-                raise ValueError(f"the worker on {socket.gethostname()} found another model at {source} "
-                                 f"(fingerprint {fingerprint(model)}, expected {expected}); give every "
-                                 "worker the same model directory")
-            _loaded[source, expected] = model
-        return _loaded[source, expected]
+            _loaded[where, expected] = _read_shared_copy(where) if expected is None else _load_checked(where, expected)
+        return _loaded[where, expected]
+
+
+def _load_checked(source, expected):
+    """The model at `source`, refused unless its config and weights hash to `expected`."""
+    model = load(source, progress=False)
+    if fingerprint(model, every_value=True) != expected:
+        import socket
+        raise ValueError(f"the Dask worker on {socket.gethostname()} loaded {source}, but its config or weights "
+                         "differ from those of the model being computed on. Either that model was edited in "
+                         "memory, and edits made in memory cannot reach a Dask cluster (its workers load the model "
+                         "from its source): compute with worker processes on this machine (workers=N, or --workers "
+                         "N, without a Dask cluster), which see the edits, or with workers=1; or the worker found "
+                         "another model at that path: give every worker the same model directory")
+    return model
 
 
 # ------------------------------------------------------------------ a Dask cluster

@@ -65,7 +65,16 @@ class Shortcuts:
         return hashlib.sha256(self.weight.tobytes() + self.bias.tobytes()).hexdigest()[:16]
 
     def check_model(self, model, source="these shortcuts"):
-        """Raise ShortcutsError unless the maps were fitted on this model (same fingerprint)."""
+        """Raise ShortcutsError unless the maps fit this model: weight (P, D, D) and bias (P, D)
+        float32, the last point's map the identity, fitted on this model (same fingerprint)."""
+        P, D = 2 * model.config.n_layers, model.config.d_model
+        for name, array, shape in (("weight", self.weight, (P, D, D)), ("bias", self.bias, (P, D))):
+            if problem := _mismatch(getattr(array, "dtype", type(array).__name__), np.shape(array), shape):
+                raise ShortcutsError(f"{source}: {name} {problem}")
+        if not (np.array_equal(self.weight[-1], np.eye(D)) and not self.bias[-1].any()):
+            raise ShortcutsError(f"{source}: the map of the last point ({P - 1}) must be the identity (weight I, "
+                                 "bias 0): the last state is what every other map estimates, and the oracle "
+                                 "compares every point's token with its token")
         mine, theirs = fingerprint(model), self.meta.get("fingerprint")
         if mine != theirs:
             raise ShortcutsError(
@@ -137,8 +146,7 @@ def solve(sums, ridge=DEFAULT_RIDGE):
     The ridge pulls W towards the identity (the plain lens), not towards zero, and is relative to
     the states' scale: ridge = 0 is plain least squares, a large ridge gives W = I and
     b = mean(y) - mean(x). The bias is not penalized."""
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    check_ridge(ridge)
     if sums.n < 2:
         raise ValueError(f"fitting needs at least 2 tokens, got {sums.n}")
     D = sums.sy.shape[0]
@@ -159,6 +167,13 @@ def solve(sums, ridge=DEFAULT_RIDGE):
     return np.array(weights, np.float32), np.array(biases, np.float32)
 
 
+def check_ridge(ridge):
+    """A clear error unless ridge is a finite number >= 0."""
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float, np.integer, np.floating)) or not 0 <= ridge < np.inf:
+        raise ValueError(f"ridge (--ridge) must be a finite number >= 0 (0 = plain least squares, default "
+                         f"{DEFAULT_RIDGE}), got {ridge!r}")
+
+
 def fit(model, ids, points=None, ridge=DEFAULT_RIDGE, window=256, context=128, progress=True, workers=1):
     """Least-squares shortcuts for exit points (default: all), fitted on the token ids (N,).
 
@@ -166,8 +181,11 @@ def fit(model, ids, points=None, ridge=DEFAULT_RIDGE, window=256, context=128, p
     model sees but that are not counted. Points not fitted (and the last) keep the identity.
     workers: processes summing windows side by side (minee.parallel); the sums of SUM_GROUP
     consecutive windows are added where they are computed, then the groups' sums in order, with
-    any number of workers, so the maps are the same."""
+    any number of workers, so the maps are the same. Every argument is checked before the model runs."""
+    check_ridge(ridge)
     ids = _one_sequence(model, ids)
+    if len(ids) < 2:
+        raise ValueError(f"fitting needs at least 2 tokens, got {len(ids)}")
     P = 2 * model.config.n_layers
     points = _check_points(range(P - 1) if points is None else points, P)
     groups = map_windows(window_sums, model, windows(len(ids), window, context), ids, points,
@@ -338,14 +356,16 @@ def _read_array(zf, where, name, check):
         raise ShortcutsError(f"{where}: field {name!r} cannot be read ({e})") from None
 
 
+def _mismatch(dtype, shape, want):
+    """What is wrong with an array of this dtype and shape where little-endian float32 of shape
+    `want` is needed, or None."""
+    if dtype != np.dtype("<f4") or tuple(shape) != want:
+        return f"is {dtype} {tuple(shape)}; this model needs float32 {want}"
+
+
 def _float_array(zf, where, name, shape):
     """A finite little-endian float32 array of exactly this shape."""
-    want = np.dtype("<f4")
-
-    def check(got_shape, dtype):
-        if dtype != want or got_shape != shape:
-            return f"is {dtype} {got_shape}; this model needs float32 {shape}"
-    array = _read_array(zf, where, name, check)
+    array = _read_array(zf, where, name, lambda got_shape, dtype: _mismatch(dtype, got_shape, shape))
     if not np.isfinite(array).all():
         raise ShortcutsError(f"{where}: field {name!r} has {int((~np.isfinite(array)).sum())} NaN or "
                              "infinite values")
@@ -363,13 +383,19 @@ def _read_meta(zf, where, P):
         raise ShortcutsError(f"{where}: field 'meta' is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise ShortcutsError(f"{where}: field 'meta' must be a JSON object")
-    checks = {"fingerprint": lambda v: isinstance(v, str),
-              "tokens": lambda v: isinstance(v, int) and v >= 0,
-              "ridge": lambda v: isinstance(v, (int, float)) and np.isfinite(v) and v >= 0,
-              "method": lambda v: v in METHODS,
-              "points": lambda v: isinstance(v, list) and all(isinstance(p, int) and 0 <= p < P for p in v)}
-    for name, ok in checks.items():
+    checks = {"fingerprint": (lambda v: isinstance(v, str), "a string"),
+              "tokens": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+              "ridge": (lambda v: isinstance(v, (int, float)) and np.isfinite(v) and v >= 0, "a finite number >= 0"),
+              "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+              "points": (lambda v: isinstance(v, list) and v and all(_whole(p) and 0 <= p < P - 1 for p in v),
+                         f"a list of exit points 0 .. {P - 2} (the last point's map is the identity)")}
+    for name, (ok, what) in checks.items():
         if name not in meta or not ok(meta[name]):
-            raise ShortcutsError(f"{where}: meta field {name!r} is missing or invalid "
-                                 f"(got {str(meta.get(name))[:80]!r})")
+            raise ShortcutsError(f"{where}: meta field {name!r} must be {what}, got "
+                                 f"{str(meta.get(name, 'nothing'))[:80]!r}")
     return meta
+
+
+def _whole(v):
+    """A JSON whole number (true and false are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)

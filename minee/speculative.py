@@ -84,9 +84,11 @@ def draft_decoder(model, draft, k, shortcut=None, hooks=None):
 
 @dataclass
 class SpeculativeStats:
-    """Counts per position j = 1 .. k of a draft, accumulated over cycles, and the time spent."""
+    """Counts per position j = 1 .. k of a draft, accumulated over cycles, and the time spent.
+    They describe the tokens emitted: a cycle cut at EOS counts the drafts up to the EOS only."""
     k: int
     cycles: int = 0
+    tokens: int = 0                 # emitted by the cycles
     draft_s: float = 0.0
     verify_s: float = 0.0           # verification pass, acceptance and rollback
     drafted: np.ndarray = field(init=False)     # (k,) drafts made at position j
@@ -96,9 +98,10 @@ class SpeculativeStats:
     def __post_init__(self):
         self.drafted, self.compared, self.accepted = (np.zeros(self.k, np.int64) for _ in range(3))
 
-    def add(self, n_drafts, n_accepted):
-        """One cycle that made n_drafts drafts and accepted the first n_accepted."""
+    def add(self, n_drafts, n_accepted, n_tokens):
+        """One cycle that made n_drafts drafts, accepted the first n_accepted and emitted n_tokens."""
         self.cycles += 1
+        self.tokens += n_tokens
         self.drafted[:n_drafts] += 1
         self.compared[:min(n_accepted + 1, n_drafts)] += 1
         self.accepted[:n_accepted] += 1
@@ -109,7 +112,7 @@ class SpeculativeStats:
         return {"cycles": self.cycles, "drafted": drafted, "accepted": accepted,
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "acceptance_by_position": by_position, "compared_by_position": self.compared.tolist(),
-                "tokens_per_cycle": (accepted + self.cycles) / self.cycles if self.cycles else None,
+                "tokens_per_cycle": self.tokens / self.cycles if self.cycles else None,
                 "draft_s": self.draft_s, "verify_s": self.verify_s}
 
 
@@ -180,14 +183,15 @@ def accept_sampled(drafts, q, logits, temperature, top_k, top_p, rng):
     return len(drafts), draw(p, rng)
 
 
-def speculate(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng=None, stats=None):
+def speculate(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng=None, stats=None, stop_ids=()):
     """One draft-verify cycle after token `last`, which the cache kv (one row of n positions) does
     not hold yet.
 
     Returns the new tokens (the accepted drafts, then the full model's next token: 1 .. k+1 of
-    them) and the exit point each came from (its draft's, or the last point). The cache then holds
-    n + len(tokens) positions, exactly what plain decoding of the same tokens would hold.
-    k = 0 is one plain decoding step."""
+    them; cut after the first accepted draft in stop_ids, such as EOS) and the exit point each
+    came from (its draft's, or the last point). The cache then holds n + len(tokens) positions,
+    exactly what plain decoding of the same tokens would hold. stats count what was emitted: the
+    drafts after a cut are left out. k = 0 is one plain decoding step."""
     n, t0 = kv.length, time.perf_counter()
     drafts, q, points, states, starts = draft(decoder, kv, last, k, temperature, top_k, top_p, rng)
     t1 = time.perf_counter()
@@ -196,12 +200,18 @@ def speculate(decoder, kv, last, k, temperature=0.0, top_k=None, top_p=None, rng
         a, token = accept_greedy(drafts, logits)
     else:
         a, token = accept_sampled(drafts, q, logits, temperature, top_k, top_p, rng)
-    kv.length = n + a + 1                                                   # forget the rejected positions
+    new, new_points = drafts[:a] + [token], points[:a] + [decoder.n_points - 1]
+    stop = next((j for j in range(a) if drafts[j] in stop_ids), None)      # an accepted draft ends generation
+    if stop is not None:                                                    # the drafts after it leave the stats
+        decoder.stats = decoder.stats.subset(range(len(decoder.stats.points) - (k - stop - 1)))
+        k = a = stop + 1
+        new, new_points = new[:a], new_points[:a]
+    kv.length = n + len(new)                                                # forget the rejected positions
     if stats is not None:
-        stats.add(k, a)
+        stats.add(k, a, len(new))
         stats.draft_s += t1 - t0
         stats.verify_s += time.perf_counter() - t1
-    return drafts[:a] + [token], points[:a] + [decoder.n_points - 1]
+    return new, new_points
 
 
 # ------------------------------------------------------------------ generation
@@ -221,9 +231,11 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft=None, k=DEFAULT
     random numbers are used differently). stats adds to generate's: draft, k, shortcut, cycles,
     drafted, accepted, acceptance_rate (accepted / drafted), acceptance_by_position (at draft
     position j, the share accepted of the drafts compared, i.e. those whose earlier drafts were all
-    accepted) and compared_by_position (how many were compared), tokens_per_cycle,
-    mean_draft_point, draft_s and verify_s (seconds drafting and verifying). exit_points: the draft
-    point of each accepted draft, the last point for the full model's tokens.
+    accepted) and compared_by_position (how many were compared), tokens_per_cycle (tokens emitted
+    per cycle, the first token, which the prompt's pass gives, left out), mean_draft_point, draft_s
+    and verify_s (seconds drafting and verifying). The counts describe what was emitted: drafts made
+    after an accepted EOS are not counted. exit_points: the draft point of each accepted draft, the
+    last point for the full model's tokens.
     """
     decoder = draft_decoder(model, draft, k, shortcut, hooks)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -249,11 +261,9 @@ def speculative_generate(model, prompt, max_new_tokens=32, draft=None, k=DEFAULT
     while going:
         budget = max_new_tokens - len(tokens)                               # a cycle adds up to k+1
         new, new_points = speculate(decoder, cache, tokens[-1], min(k, budget - 1), temperature,
-                                    top_k, top_p, rng, stats)
-        for token, point in zip(new, new_points):
+                                    top_k, top_p, rng, stats, eos if stop_at_eos else ())
+        for token, point in zip(new, new_points):                          # in the budget, EOS only last
             going = emit(token, point)
-            if not going:
-                break
     if on_text is not None and (tail := stream.finish()):                  # a held-back incomplete character
         on_text(tail)
     t2 = time.perf_counter()

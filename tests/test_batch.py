@@ -137,6 +137,20 @@ def test_batch_errors_name_the_fix(model):
         minee.generate_batch(model, [], 4)
 
 
+def test_a_2d_array_of_ids_is_one_prompt_per_row_in_batch_and_queue(model):
+    ids = np.array([PROMPTS[0][:3], PROMPTS[2]])                                # (2, 3): 2 prompts of 3 ids
+    want = [minee.generate(model, row.tolist(), 4, stop_at_eos=False).tokens for row in ids]
+    assert [o.tokens for o in minee.generate_batch(model, ids, 4, stop_at_eos=False)] == want
+    assert [o.tokens for o in minee.generate_many(model, ids, max_new_tokens=4, stop_at_eos=False)] == want
+
+
+@pytest.mark.parametrize("prompts", [np.array(PROMPTS[0]), PROMPTS[0]])
+def test_one_sequence_of_ids_as_prompts_names_the_fix_in_batch_and_queue(model, prompts):
+    for run in (lambda: minee.generate_batch(model, prompts, 4), lambda: minee.generate_many(model, prompts)):
+        with pytest.raises(ValueError, match=r"bare token ids.*pass \[ids\] for one prompt.*2-D array \(B, T\)"):
+            run()
+
+
 # ------------------------------------------------------------------ exited rows drop out
 
 @pytest.mark.parametrize("kv", ["copy", "propagate"])

@@ -344,6 +344,22 @@ def test_a_row_can_be_rolled_back_and_refilled(gqa):
         kv.length
 
 
+@pytest.mark.parametrize("rows, ids, match", [
+    ([0, 0], [[1], [2]], r"rows \[0, 0\] name a row twice"),
+    ([-1], [[1]], "row -1 is not a row of this KV cache, which has 2"),
+    ([2], [[1]], "row 2 is not a row of this KV cache, which has 2"),
+    ([0.5], [[1]], "rows must be a list of row numbers"),
+    ([[0]], [[1]], "rows must be a list of row numbers"),
+    ([True], [[1]], "rows must be a list of row numbers"),
+])
+def test_bad_cache_rows_are_refused_before_anything_is_written(gqa, rows, ids, match):
+    model, _, _ = gqa
+    kv = model.new_kv_cache(2, 8)
+    with pytest.raises(ValueError, match=match + ".*pass rows= as distinct cache rows 0 .. 1"):
+        model.forward(np.array(ids), kv_cache=kv, rows=rows)
+    assert kv.lengths.tolist() == [0, 0] and not kv.keys.any() and not kv.values.any()
+
+
 def test_cache_reset_starts_over(gqa):
     model, _, _ = gqa
     ids = random_ids(BASE["vocab_size"], (1, 10), seed=7)

@@ -1,12 +1,15 @@
 """Teacher-forced windows on worker processes (minee/parallel.py): joblib's loky processes and a
 real Dask cluster give the same files as the loop in one process, bit for bit; a worker that dies
 is a clear error within a bounded time; workers refuse a model they cannot load again."""
+import dataclasses
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 import minee
 import weights_tool
 from minee import analysis, parallel
+from minee.loading import fingerprint
 from minee.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +125,17 @@ def children(pid):
     return [c for c, stat in stats.items() if stat is not None and stat[1] == pid and stat[0] != "Z"]
 
 
+def mapped_folders(pid):
+    """The shared-copy folders (minee-workers-*) a process has files of memory-mapped."""
+    try:
+        return set(re.findall(r"\S*/minee-workers-[^/\s]+", Path(f"/proc/{pid}/maps").read_text()))
+    except OSError:
+        return set()
+
+
 def test_ctrl_c_stops_the_workers(tiny_with_tokenizer, tmp_path):
-    """SIGINT (Ctrl-C) once windows are done: exit code 130, one line, and no worker left behind."""
+    """SIGINT (Ctrl-C) once windows are done: exit code 130, one line, no worker left behind, and
+    the temporary folder of the model the workers shared is removed."""
     p = subprocess.Popen([sys.executable, "-m", "minee", "analyze", "--model", str(tiny_with_tokenizer),
                           "--out", str(tmp_path), "--max-tokens", "4000", "--window", "50", "--gen-prompts", "0",
                           "--workers", "2"], stderr=subprocess.PIPE, env=cli_env({}))   # 80 windows
@@ -133,6 +146,8 @@ def test_ctrl_c_stops_the_workers(tiny_with_tokenizer, tmp_path):
         seen += chunk
     workers = children(p.pid)
     assert len(workers) >= 2
+    shared = set().union(*map(mapped_folders, workers))
+    assert shared and all(Path(f).is_dir() for f in shared)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=BOUND_S)
     assert p.returncode == 130
@@ -141,6 +156,7 @@ def test_ctrl_c_stops_the_workers(tiny_with_tokenizer, tmp_path):
     while any(map(running, workers)) and time.time() < deadline:
         time.sleep(0.2)
     assert not [w for w in workers if running(w)]
+    assert not [f for f in shared if Path(f).exists()]
 
 
 def test_a_killed_worker_is_a_clear_error_naming_the_window(tiny_with_tokenizer, tmp_path):
@@ -193,26 +209,127 @@ def test_one_worker_starts_no_process(tiny_with_tokenizer, monkeypatch):
         analysis.teacher_forced(model, ids, window=16, progress=False, workers=2)
 
 
-def test_workers_refuse_a_model_they_cannot_load_again(tiny_with_tokenizer, tmp_path):
-    model = minee.load(tiny_with_tokenizer)
-    ids = analysis.corpus_ids(model.tokenizer, max_tokens=40)
-    in_memory = minee.Model(model.config, model.params, model.tokenizer)                   # source None
-    with pytest.raises(ValueError, match="built in memory.*minee.load"):
-        analysis.teacher_forced(in_memory, ids, window=16, progress=False, workers=2)
-    # the directory now holds another model than the one loaded from it: the workers notice
-    path = tmp_path / "changed"
-    weights_tool.make_random_model(path, layers=2, d_model=16, heads=2, kv_heads=1, ffn=32, vocab=96, seed=1)
-    loaded = minee.load(path)
-    weights_tool.make_random_model(path, layers=2, d_model=16, heads=2, kv_heads=1, ffn=32, vocab=96, seed=2)
-    with pytest.raises(ValueError, match="found another model.*same model directory"):
-        analysis.teacher_forced(loaded, np.arange(40) % 96, window=16, progress=False, workers=2)
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """A random model whose tensors hold more than 512 values, so that an edit of their middle rows
+    leaves the cheap fingerprint (256 values at each end) unchanged."""
+    path = tmp_path_factory.mktemp("wide")
+    weights_tool.make_random_model(path, layers=2, d_model=64, heads=4, kv_heads=2, ffn=128, vocab=96, seed=1)
+    return path
 
 
-@pytest.mark.parametrize("workers", [0, -2, 1.5])
+WIDE_IDS = np.arange(70) % 96                                     # 5 windows of 16
+
+
+def table(model, workers):
+    """teacher_forced's table and perplexity as one dict of arrays."""
+    tf, ppl = analysis.teacher_forced(model, WIDE_IDS, window=16, progress=False, workers=workers)
+    return {"perplexity": np.array(ppl), **vars(tf)}
+
+
+def assert_same_table(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def ablate(model):
+    """Zero 20 middle rows of block 0's FFN output projection, in place (an ablation)."""
+    model.params["model.layers.0.mlp.down_proj.weight"][20:40] = 0
+
+
+def test_local_workers_compute_on_the_model_in_memory(wide_dir):
+    """An edit in memory reaches the workers, also when loky reuses the processes of an earlier map
+    that computed on the model before the edit; a model built in memory works too."""
+    model = minee.load(wide_dir)
+    before = table(model, workers=2)                              # the workers now hold the unedited model
+    cheap = fingerprint(model)
+    ablate(model)
+    assert fingerprint(model) == cheap                            # the edit the old check could not see
+    edited = table(model, workers=1)
+    assert not np.array_equal(edited["kl"], before["kl"])         # the edit matters
+    assert_same_table(table(model, workers=2), edited)
+    in_memory = minee.Model(model.config, {k: v.copy() for k, v in model.params.items()})   # source None
+    in_memory.params["model.layers.1.self_attn.o_proj.weight"][30:34] *= -3
+    assert_same_table(table(in_memory, workers=2), table(in_memory, workers=1))
+
+
+def where_embedding_is(model, begin, start, end):
+    """A window's result: the file the worker's embedding is memory-mapped from."""
+    return model.embed_tokens.filename
+
+
+def fail_on_second_window(model, begin, start, end):
+    if begin > 0:
+        raise ArithmeticError("window failed")
+    return 0
+
+
+def test_local_workers_share_one_temporary_copy(wide_dir, tmp_path, monkeypatch):
+    """The model is written once into the first root with room, memory-mapped by the workers, and
+    removed after the map, after an error too."""
+    model = minee.load(wide_dir)
+    spans = minee.lens.windows(60, 16, 0)
+    monkeypatch.setattr(parallel, "SHARED_ROOTS", (str(tmp_path / "missing"), str(tmp_path)))
+    files = list(parallel.map_windows(where_embedding_is, model, spans, workers=2, progress=False))
+    assert len(set(files)) == 1 and Path(files[0]).parent.parent == tmp_path
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ArithmeticError, match="window failed"):
+        list(parallel.map_windows(fail_on_second_window, model, spans, workers=2, progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_room_for_the_shared_copy_is_a_clear_error(wide_dir, tmp_path, monkeypatch):
+    model = minee.load(wide_dir)
+    monkeypatch.setattr(parallel, "SHARED_ROOTS", (str(tmp_path),))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))     # bytes
+    with pytest.raises(OSError, match=r"needs 0.3 MB; none of .* has that much free space.*TMPDIR.*workers=1"):
+        table(model, workers=2)
+
+
+def test_the_full_fingerprint_sees_every_value_and_the_config(wide_dir):
+    model = minee.load(wide_dir)
+    full = fingerprint(model, every_value=True)
+    ablate(model)
+    assert fingerprint(model, every_value=True) != full
+    again = minee.load(wide_dir)
+    assert fingerprint(again, every_value=True) == full
+    again.config = dataclasses.replace(again.config, rope_theta=again.config.rope_theta * 2)
+    assert fingerprint(again, every_value=True) != full
+
+
+def test_a_dask_cluster_refuses_a_model_its_workers_cannot_load(wide_dir, tmp_path):
+    """Dask workers load the model from its source: an edit in memory, a model built in memory and
+    a directory that changed since the model was loaded are clear errors, not other results."""
+    distributed = pytest.importorskip("distributed")
+    model = minee.load(wide_dir)
+    changed = tmp_path / "changed"
+    weights_tool.make_random_model(changed, layers=2, d_model=16, heads=2, kv_heads=1, ffn=32, vocab=96, seed=1)
+    loaded = minee.load(changed)
+    weights_tool.make_random_model(changed, layers=2, d_model=16, heads=2, kv_heads=1, ffn=32, vocab=96, seed=2)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  silence_logs=50) as cluster, parallel.dask_cluster(cluster.scheduler_address):
+        assert_same_table(table(model, workers=-1), table(model, workers=1))
+        ablate(model)
+        with pytest.raises(ValueError, match="edited in memory, and edits made in memory cannot reach a Dask "
+                                             "cluster.*workers=N.*or with workers=1"):
+            table(model, workers=-1)
+        with pytest.raises(ValueError, match="built in memory.*minee.load.*workers=N outside dask_cluster"):
+            table(minee.Model(model.config, model.params), workers=-1)
+        with pytest.raises(ValueError, match="found another model at that path: give every worker the same"):
+            analysis.teacher_forced(loaded, WIDE_IDS, window=16, progress=False, workers=-1)
+
+
+@pytest.mark.parametrize("workers", [0, -2, 1.5, True, np.float64(2)])
 def test_bad_worker_counts_are_refused(tiny_with_tokenizer, workers):
     model = minee.load(tiny_with_tokenizer)
     with pytest.raises(ValueError, match="workers must be a whole number >= 1, or -1"):
         analysis.teacher_forced(model, np.arange(40), window=16, progress=False, workers=workers)
+
+
+def test_numpy_integer_worker_counts_are_accepted(wide_dir):
+    model = minee.load(wide_dir)
+    assert_same_table(table(model, workers=np.int64(2)), table(model, workers=np.int32(1)))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -204,11 +204,64 @@ def test_shortcuts_of_another_model_are_refused(model, tmp_path):
         minee.generate(model, [1, 2, 3], 2, exit="fixed:2", shortcut=sc)
 
 
+def no_model_work(model, monkeypatch):
+    """Any forward pass from now on fails the test: arguments must be refused before one."""
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("the model ran before the error"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(window=0), r"window \(tokens scored per forward pass\) must be a whole number >= 1, got 0"),
+    (dict(window=-5), "window .* must be a whole number >= 1, got -5"),
+    (dict(window=2.5), "window .* must be a whole number >= 1, got 2.5"),
+    (dict(context=-3), r"context \(earlier tokens each window sees\) must be a whole number >= 0, got -3"),
+    (dict(ridge=float("nan")), r"ridge \(--ridge\) must be a finite number >= 0 .*got nan"),
+    (dict(ridge=float("inf")), "ridge .* must be a finite number >= 0 .*got inf"),
+    (dict(ridge=-1.0), "ridge .* must be a finite number >= 0 .*got -1.0"),
+    (dict(ids=[5]), "fitting needs at least 2 tokens, got 1"),
+])
+def test_bad_fit_arguments_are_refused_before_the_model_runs(model, ids, monkeypatch, kwargs, message):
+    no_model_work(model, monkeypatch)
+    kwargs = {"ids": ids[:100], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        shortcuts.fit(model, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ids=[5]), r"teacher forcing needs at least 2 tokens \(an input and its next token\), got 1"),
+    (dict(window=0), "window .* must be a whole number >= 1, got 0"),
+    (dict(context=-1), "context .* must be a whole number >= 0, got -1"),
+])
+def test_bad_teacher_forced_arguments_are_refused_before_the_model_runs(model, ids, monkeypatch, kwargs, message):
+    no_model_work(model, monkeypatch)
+    kwargs = {"ids": ids[:100], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        teacher_forced(model, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "0"], "window (tokens scored per forward pass) must be a whole number >= 1, got 0"),
+    (["--window", "-5"], "window (tokens scored per forward pass) must be a whole number >= 1, got -5"),
+    (["--ridge", "nan"], "ridge (--ridge) must be a finite number >= 0"),
+    (["--ridge", "inf"], "ridge (--ridge) must be a finite number >= 0"),
+])
+def test_cli_fit_refuses_bad_sizes_before_loading_the_model(tmp_path, capsys, args, message):
+    """The model named does not exist: the argument's error comes first, so nothing was loaded."""
+    rc = main(["shortcuts", "fit", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "sc.npz"), *args])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "sc.npz").exists()
+
+
 def write_npz(path, **arrays):
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     path.write_bytes(buf.getvalue())
     return path
+
+
+def meta_with(arrays, **changes):
+    """The meta array of `arrays` with some fields changed."""
+    return np.array(json.dumps({**json.loads(str(arrays["meta"])), **changes}))
 
 
 def good_arrays(model):
@@ -225,6 +278,12 @@ def good_arrays(model):
     (lambda a: a.update(meta=np.array(json.dumps({"fingerprint": "x"}))), "meta field 'tokens'"),
     (lambda a: a.update(meta=np.array([1, 2])), "field 'meta' must be one JSON string"),
     (lambda a: a.update(weight=np.array([object()], dtype=object)), "field 'weight' is object"),
+    (lambda a: a["weight"][-1].__imul__(2), r"map of the last point \(5\) must be the identity"),
+    (lambda a: a["bias"][-1].__iadd__(0.5), r"map of the last point \(5\) must be the identity"),
+    (lambda a: a.update(meta=meta_with(a, points=[0, 5])), r"meta field 'points' must be a list of exit points "
+                                                         r"0 \.\. 4 \(the last point's map is the identity\), got"),
+    (lambda a: a.update(meta=meta_with(a, points=[])), "meta field 'points' must be a list of exit points"),
+    (lambda a: a.update(meta=meta_with(a, points=[True])), "meta field 'points' must be a list of exit points"),
 ])
 def test_bad_files_are_clear_errors(model, tmp_path, change, message):
     arrays = good_arrays(model)
@@ -233,6 +292,33 @@ def test_bad_files_are_clear_errors(model, tmp_path, change, message):
     with pytest.raises(ShortcutsError, match=message) as e:
         shortcuts.load(path, model)
     assert str(path) in str(e.value)
+
+
+def test_points_the_loader_accepts_are_points_refine_accepts(model, ids, tmp_path):
+    """A file whose points include the last point was accepted by load, then refused by refine."""
+    arrays = good_arrays(model)
+    arrays["meta"] = meta_with(arrays, points=[P - 2])
+    sc = shortcuts.load(write_npz(tmp_path / "ok.npz", **arrays), model)
+    refined = shortcuts.refine(model, sc, ids, steps=1, tokens=16, window=16, progress=False)
+    assert refined.meta["kl_points"] == [P - 2]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sc: Shortcuts(sc.weight[:-1], sc.bias[:-1], sc.meta), r"weight is float32 \(5, 32, 32\); this model "
+                                                                  r"needs float32 \(6, 32, 32\)"),
+    (lambda sc: Shortcuts(sc.weight, sc.bias[:, :-1], sc.meta), r"bias is float32 \(6, 31\); this model needs"),
+    (lambda sc: Shortcuts(sc.weight.astype(np.float64), sc.bias, sc.meta), "weight is float64"),
+    (lambda sc: Shortcuts(sc.weight * 1.5, sc.bias, sc.meta), r"map of the last point \(5\) must be the identity"),
+])
+def test_in_memory_shortcuts_that_do_not_fit_the_model_are_refused(model, change, message):
+    """By check_model, so by every use (the lens, generate, teacher forcing), not by an IndexError later."""
+    sc = change(random_shortcuts(model))
+    with pytest.raises(ShortcutsError, match=message):
+        sc.check_model(model)
+    with pytest.raises(ShortcutsError, match=message):
+        lens(model, [1, 2, 3], shortcut=sc)
+    with pytest.raises(ShortcutsError, match=message):
+        minee.generate(model, [1, 2, 3], 2, exit="fixed:2", shortcut=sc)
 
 
 def test_files_that_are_not_shortcuts(model, tmp_path):

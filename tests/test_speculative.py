@@ -118,8 +118,26 @@ def test_stops_at_eos_inside_a_draft(model, draft):
     assert want == plain[:j + 1]
     for k in (1, 2, 3, 5, 50):
         out = speculative_generate(m, prompt, N_NEW, draft=draft, k=k)
-        assert out.tokens == want and out.stats["new_tokens"] == j + 1
+        s = out.stats
+        assert out.tokens == want and s["new_tokens"] == j + 1
+        assert s["tokens_per_cycle"] * s["cycles"] == pytest.approx(j)    # the stats count the tokens emitted
+        assert s["accepted"] == sum(c == p for c in out.exit_points) or p == LAST
     assert out.exit_points[-1] == p and out.stats["accepted"] > 0    # k = 50: EOS was a draft
+
+
+@pytest.mark.parametrize("prompt, draft", [(PROMPTS[0], f"fixed:{LAST}"), (PROMPTS[1], "varied")])
+def test_stats_leave_out_the_drafts_after_an_accepted_eos(model, prompt, draft):
+    """EOS is the first draft of the first cycle, accepted, and 3 more drafts follow it in that
+    cycle: the stats count one cycle of one draft, accepted, that emitted one token, and the draft
+    point is that draft's (the varied gate's drafts exit at points 7, 4, 1, 5 in that cycle)."""
+    plain = minee.generate(model, prompt, N_NEW, stop_at_eos=False).tokens
+    m = with_eos(model, plain[1])
+    out = speculative_generate(m, prompt, N_NEW, draft=varied_gate(model) if draft == "varied" else draft, k=4)
+    assert out.tokens == plain[:2]
+    s = out.stats
+    assert (s["cycles"], s["drafted"], s["accepted"], s["tokens_per_cycle"]) == (1, 1, 1, 1.0)
+    assert s["acceptance_by_position"] == [1.0, None, None, None] and s["compared_by_position"] == [1, 0, 0, 0]
+    assert s["mean_draft_point"] == out.exit_points[1]
 
 
 # ------------------------------------------------------------------ drafts through a shortcut
