@@ -65,8 +65,14 @@ class Shortcuts:
         return hashlib.sha256(self.weight.tobytes() + self.bias.tobytes()).hexdigest()[:16]
 
     def check_model(self, model, source="these shortcuts"):
-        """Raise ShortcutsError unless the maps fit this model: weight (P, D, D) and bias (P, D)
-        float32, the last point's map the identity, fitted on this model (same fingerprint)."""
+        """Raise ShortcutsError unless the maps fit this model: fitted on it (same fingerprint), weight
+        (P, D, D) and bias (P, D) float32, the last point's map the identity."""
+        mine, theirs = fingerprint(model), self.meta.get("fingerprint")
+        if mine != theirs:
+            raise ShortcutsError(
+                f"{source} were fitted on another model ({self.meta.get('model')!r}, fingerprint "
+                f"{theirs}) than {model.source or 'this model'!r} (fingerprint {mine}); fit shortcuts "
+                f"for this model with `python -m minee shortcuts fit --model M --out FILE.npz`")
         P, D = 2 * model.config.n_layers, model.config.d_model
         for name, array, shape in (("weight", self.weight, (P, D, D)), ("bias", self.bias, (P, D))):
             if problem := _mismatch(getattr(array, "dtype", type(array).__name__), np.shape(array), shape):
@@ -75,12 +81,6 @@ class Shortcuts:
             raise ShortcutsError(f"{source}: the map of the last point ({P - 1}) must be the identity (weight I, "
                                  "bias 0): the last state is what every other map estimates, and the oracle "
                                  "compares every point's token with its token")
-        mine, theirs = fingerprint(model), self.meta.get("fingerprint")
-        if mine != theirs:
-            raise ShortcutsError(
-                f"{source} were fitted on another model ({self.meta.get('model')!r}, fingerprint "
-                f"{theirs}) than {model.source or 'this model'!r} (fingerprint {mine}); fit shortcuts "
-                f"for this model with `python -m minee shortcuts fit --model M --out FILE.npz`")
 
     def save(self, path):
         """Write `path` (.npz): arrays weight (P, D, D) and bias (P, D) float32, and meta (JSON text)."""
