@@ -195,7 +195,8 @@ def decode_points(model, states, final, targets, k=0, shortcut=None, curves=Fals
 
 def lens(model, ids, k=5, shortcut=None):
     """The lens of one sequence `ids` (T,): every exit point decoded at every position, plainly
-    or through `shortcut` (minee.shortcuts.Shortcuts fitted on this model)."""
+    or through `shortcut` (minee.shortcuts.Shortcuts fitted on this model), with the top-k of each
+    cell and the curve of every token in a position's top-k (token_curves) for the lens page."""
     ids = model.check_ids(ids)
     if ids.shape[0] != 1:
         raise ValueError(f"lens() reads one sequence, got a batch of {ids.shape[0]}; call it per row")

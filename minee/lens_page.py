@@ -7,7 +7,7 @@ token; hovering (or tapping) a cell lists its top-k tokens, and a token clicked 
 its probability and rank at every exit point are drawn below the grid. A plain lens and a lens
 read through shortcuts are shown with a toggle.
 
-The page is hand-written (minee/data/lens_page.html and lens_page.js, about 400 lines) rather
+The page is hand-written (minee/data/lens_page.html and lens_page.js, about 450 lines) rather
 than drawn by a plotting library: it needs only a grid of coloured cells, a tooltip and two line
 charts, so a library would add hundreds of kilobytes to every page and a licence to carry, and
 the script is short enough to read and to check for the one rule that keeps it safe:
@@ -23,7 +23,7 @@ of followed tokens (curve_ids, see minee.lens.token_curves) and their probabilit
 followed token's curve, P values of -ln p in 1/1000 nat (uint16, saturating at 65.5 nats) and of
 its rank (uint16: exact below 32768, beyond that in steps of 0.05%). Arrays are little-endian,
 zlib-compressed and base64-encoded; token texts are one shared table. A 60-point x 64-token lens
-of SmolLM2 with its top-5 takes about 0.65 MB.
+of SmolLM2 with its top-5 takes 0.6 to 0.7 MB.
 """
 import base64
 import hashlib

@@ -8,6 +8,7 @@ tokenizer as real tokens and prompt text.
 """
 import base64
 import json
+import re
 import shutil
 import zlib
 from decimal import Decimal
@@ -63,7 +64,6 @@ def by(css):
 
 def open_page(browser, path):
     """Load a page from its file URL, offline, and wait until its grid is drawn."""
-    from selenium.webdriver.support.ui import WebDriverWait
     browser.get_log("browser")                            # forget earlier pages' messages
     browser.get(path.as_uri())
     wait_for_grid(browser)
@@ -72,7 +72,7 @@ def open_page(browser, path):
 
 def wait_for_grid(browser):
     from selenium.webdriver.support.ui import WebDriverWait
-    WebDriverWait(browser, 30).until(lambda d: d.find_elements(*by(".grid .cell")))
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.querySelectorAll('.grid .cell').length"))
 
 
 def console_errors(browser):
@@ -100,12 +100,12 @@ def pin(browser, cell, rank):
     browser.find_elements(*by(".tip .tip-row"))[rank].click()
 
 
-def shows(printed, value):
+def shows(printed, value, rel=0.0):
     """A probability printed as a percentage (e.g. '42.3%', '1.20e-7%') is `value` rounded to the
-    digits printed."""
+    digits printed (give or take `rel` of it, for values the page holds rounded)."""
     number = Decimal(printed.removesuffix("%"))
     unit = float(Decimal(1).scaleb(number.as_tuple().exponent))
-    return abs(float(number) - 100 * float(value)) <= unit / 2 * (1 + 1e-9)
+    return abs(float(number) - 100 * float(value)) <= unit / 2 * (1 + 1e-9) + rel * 100 * float(value)
 
 
 def expected_top(result, p, t):
@@ -131,6 +131,19 @@ def prob_curves(browser):
         ys = [float(xy.split(",")[1]) for xy in line.get_attribute("points").split()]
         curves.append((y0 - np.array(ys)) / (y0 - y1))
     return curves
+
+
+def readout(browser, point, P):
+    """Point at exit point `point` on the probability chart: the readout under the charts, as
+    (the point's label, [(token, probability, rank) of each pin])."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    chart = browser.find_elements(*by(".charts svg"))[0]
+    line = chart.find_element(*by("line.gridline"))
+    left, right = float(line.get_attribute("x1")), float(line.get_attribute("x2"))
+    x = left + point / (P - 1) * (right - left) - float(chart.get_attribute("width")) / 2   # from the centre
+    ActionChains(browser).move_to_element_with_offset(chart, round(x), 0).perform()
+    label, *pins = [e.text for e in browser.find_elements(*by(".readout span"))]
+    return label, [re.fullmatch(r"(.+) (\S+%), rank (\S+)", pin).groups() for pin in pins]
 
 
 def column(result, t, token):
@@ -279,7 +292,7 @@ def test_smollm2_page_hover_pin_and_size(browser, smol_lens, tmp_path):
     path = result.save_html(tmp_path / "smollm2_60x64.html", title="SmolLM2-135M, 64 tokens of prose")
     assert path.stat().st_size <= 1_000_000, path.stat().st_size
     open_page(browser, path)
-    assert len(browser.find_elements(*by(".grid .cell"))) == 60 * 64
+    assert browser.execute_script("return document.querySelectorAll('.grid .cell').length") == 60 * 64
     p, t = 44, 40
     cell, shown = hover(browser, p, t)
     assert_tooltip_is_top_k(shown, result, p, t)
@@ -293,6 +306,12 @@ def test_smollm2_page_hover_pin_and_size(browser, smol_lens, tmp_path):
     traj = token_trajectory(model, result.ids, tokens, position=t)
     for curve, prob in zip(prob_curves(browser), traj.prob):
         np.testing.assert_allclose(curve, prob, atol=2e-3)                     # 0.1 px of a 174 px chart
+    for point in (3, 30, 59):                                 # the values read at a point: the curves hold
+        label, pins = readout(browser, point, P=60)          # -ln p to 1/1000 nat, ranks from 32768 on to 0.05%
+        assert label == f"{result.labels[point]}:"
+        for (token, printed, rank), i, prob, exact in zip(pins, tokens, traj.prob[:, point], traj.rank[:, point]):
+            assert token == visible(result.texts[i]) and shows(printed, prob, rel=5e-4), (token, printed, prob)
+            assert rank == str(exact) if exact < 32768 else abs(int(rank.lstrip("≈")) / exact - 1) < 3e-4
     browser.save_screenshot(str(tmp_path / "smollm2_60x64.png"))
     assert (tmp_path / "smollm2_60x64.png").stat().st_size > 50_000
     assert console_errors(browser) == []

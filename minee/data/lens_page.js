@@ -1,4 +1,3 @@
-
 // The interactive logit lens (minee/lens_page.py puts this script into minee/data/lens_page.html).
 // Every string it shows came from a model or a prompt: it reaches the page only as textContent,
 // never as HTML. The numbers come packed as base64 arrays; the JSON's layout is in lens_page.py.
@@ -277,7 +276,8 @@ function readout(p, curves) {
   const box = document.querySelector(".readout");
   box.replaceChildren(el("span", "", `${DATA.points[p]}:`));
   for (const [q, c] of curves) {
-    const item = el("span", "", `${tokenText(LENSES[q.li], q.n)} ${percent(c.prob[p])}, rank ${c.rank[p]}`);
+    const rank = `${c.rank[p] >= DATA.rank_exact ? "\u2248" : ""}${c.rank[p]}`;      // far ranks are rounded
+    const item = el("span", "", `${tokenText(LENSES[q.li], q.n)} ${percent(c.prob[p])}, rank ${rank}`);
     item.style.color = q.colour;
     box.append(item);
   }
@@ -350,14 +350,16 @@ function setup() {
   }
   const zoom = document.querySelector(".zoom");
   zoom.value = T > 96 ? 26 : 44;
-  const resize = () => {
-    gridBox.style.setProperty("--cell-w", `${zoom.value}px`);
-    for (const g of grids) if (g) g.classList.toggle("no-text", zoom.value < 20);
-    if (state.locked) placeTip(state.locked);
-  };
   zoom.addEventListener("input", resize);
+  resize();                                 // before the first grid: laying out a large grid twice takes seconds
   showLens(0);
-  resize();
+}
+
+function resize() {
+  const width = +document.querySelector(".zoom").value;
+  gridBox.style.setProperty("--cell-w", `${width}px`);
+  gridBox.classList.toggle("no-text", width < 20);
+  if (state.locked) placeTip(state.locked);
 }
 
 Promise.all(DATA.lenses.map(unpackLens)).then(lenses => { LENSES = lenses; setup(); }, error => {
