@@ -51,8 +51,8 @@ def page(results, metric="entropy", title=None):
         if r.curve_ids is None:
             raise ValueError("this LensResult has no token curves (curve_ids); make it with minee.lens.lens()")
         if r.ids != first.ids or r.points != first.points:
-            raise ValueError("the lenses shown together must be of the same sequence and model "
-                             f"({len(r.ids)} vs {len(first.ids)} tokens, {len(r.points)} vs {len(first.points)} points)")
+            raise ValueError(f"the lenses shown together must be of the same sequence and model ({len(r.ids)} "
+                             f"vs {len(first.ids)} tokens, {len(r.points)} vs {len(first.points)} points)")
     metrics = [name for name in METRICS if all(name in r.metrics for r in results)]
     if metric not in metrics:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(metrics)}")
@@ -129,7 +129,8 @@ def script_json(data):
 
 def iframe(page_html, n_points):
     """The page for a notebook cell: an <iframe srcdoc> (the page attribute-escaped) sandboxed to
-    run scripts without the notebook's origin, so its script cannot reach the notebook or kernel."""
+    run scripts without the notebook's origin, so its script cannot reach the notebook or kernel.
+    (In a <div>: IPython's HTML() warns about a bare iframe.)"""
     height = min(1100, 430 + 17 * n_points)
-    return (f'<iframe srcdoc="{html.escape(page_html, quote=True)}" sandbox="allow-scripts" '
-            f'style="width: 100%; height: {height}px; border: 1px solid #ddd"></iframe>')
+    return (f'<div><iframe srcdoc="{html.escape(page_html, quote=True)}" sandbox="allow-scripts" '
+            f'style="width: 100%; height: {height}px; border: 1px solid #ddd"></iframe></div>')

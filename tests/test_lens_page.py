@@ -24,7 +24,7 @@ from helpers import random_shortcuts, word_level_model, words
 from minee.__main__ import main
 from minee.analysis import MODERN_PROSE, corpus_ids
 from minee.lens import lens, token_trajectory
-from minee.lens_page import script_json, visible
+from minee.lens_page import iframe, script_json, visible
 
 HOSTILE = '</script><img src=x onerror="window.__pwned=1">'
 VOCAB = ["w0", "w1", "w2", "w3", HOSTILE, "<script>window.__pwned=2</script>", '"><svg onload="window.__pwned=3">',
@@ -72,7 +72,7 @@ def open_page(browser, path):
 
 def wait_for_grid(browser):
     from selenium.webdriver.support.ui import WebDriverWait
-    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.querySelectorAll('.grid .cell').length"))
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.querySelector('.grid .cell')"))
 
 
 def console_errors(browser):
@@ -223,7 +223,8 @@ def test_script_json_cannot_end_its_element():
 
 def page_data(page):
     """The JSON inside a page's data element."""
-    start = page.index('<script type="application/json" id="lens-data">') + len('<script type="application/json" id="lens-data">')
+    tag = '<script type="application/json" id="lens-data">'
+    start = page.index(tag) + len(tag)
     return json.loads(page[start:page.index("</script>", start)])
 
 
@@ -268,17 +269,32 @@ def test_repr_html_is_the_page_in_an_isolated_iframe(hostile_model):
     is the page itself, hostile tokens included."""
     result = lens(hostile_model, hostile_model.tokenizer.encode("|".join(VOCAB)))
 
-    class Frames(HTMLParser):
-        found = []
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.found = []
 
         def handle_starttag(self, tag, attrs):
             self.found.append((tag, dict(attrs)))
 
-    parser = Frames()
+    parser = Tags()
     parser.feed(result._repr_html_())
-    (tag, attrs), = parser.found
-    assert tag == "iframe" and attrs["sandbox"] == "allow-scripts"
+    assert [tag for tag, _ in parser.found] == ["div", "iframe"]
+    attrs = parser.found[1][1]
+    assert attrs["sandbox"] == "allow-scripts"
     assert attrs["srcdoc"] == result.to_html()
+
+
+def test_show_displays_both_lenses_in_the_notebook(word_model, monkeypatch):
+    import IPython.display
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    ids = [5, 6, 7]
+    plain, through = lens(word_model, ids), lens(word_model, ids, shortcut=random_shortcuts(word_model))
+    plain.show(shortcut=through, metric="kl")
+    (html_object,) = shown
+    assert html_object.data == iframe(plain.to_html(shortcut=through, metric="kl"), len(plain.points))
+    assert [L["label"] for L in page_data(plain.to_html(shortcut=through))["lenses"]] == ["plain lens", through.shortcut]
 
 
 # ----------------------------------------------------------------------------- in the browser

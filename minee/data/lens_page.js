@@ -36,7 +36,8 @@ let LENSES = [];
 function curveProb(code) { return Math.exp(-code / DATA.logp_scale); }
 
 function curveRank(code) {
-  return code < DATA.rank_exact ? code : Math.round(DATA.rank_exact * Math.exp((code - DATA.rank_exact) / DATA.rank_scale));
+  if (code < DATA.rank_exact) return code;
+  return Math.round(DATA.rank_exact * Math.exp((code - DATA.rank_exact) / DATA.rank_scale));
 }
 
 function cellTop(lens, p, t) {      // [[token n of the lens, probability], ...] of cell (p, t), best first
@@ -213,7 +214,9 @@ gridBox.addEventListener("click", e => {
   const cell = e.target.closest(".cell");
   if (cell) cell === state.locked ? unlock() : lock(cell);
 });
-for (const box of [gridBox, window]) box.addEventListener("scroll", () => { if (state.locked) placeTip(state.locked); });
+for (const box of [gridBox, window]) {
+  box.addEventListener("scroll", () => { if (state.locked) placeTip(state.locked); });
+}
 tip.addEventListener("click", e => {
   const row = e.target.closest(".tip-row");
   if (row && state.locked) pin(state.lens, +state.locked.dataset.t, +row.dataset.n);
@@ -266,7 +269,10 @@ function chart(title, ticks, y, curves, key) {     // y: value -> 0 (bottom) .. 
   s.addEventListener("mousemove", e => {
     const box = s.getBoundingClientRect();
     const p = Math.round(Math.min(1, Math.max(0, (e.clientX - box.left - left) / iw)) * (P - 1));
-    for (const g of document.querySelectorAll(".chart .guide")) { g.setAttribute("x1", X(p)); g.setAttribute("x2", X(p)); }
+    for (const g of document.querySelectorAll(".chart .guide")) {
+      g.setAttribute("x1", X(p));
+      g.setAttribute("x2", X(p));
+    }
     readout(p, curves);
   });
   return s;
@@ -363,6 +369,7 @@ function resize() {
 }
 
 Promise.all(DATA.lenses.map(unpackLens)).then(lenses => { LENSES = lenses; setup(); }, error => {
-  document.querySelector(".summary").textContent = `This page could not unpack its data (${error}); it needs a browser from 2023 or later.`;
+  document.querySelector(".summary").textContent =
+    `This page could not unpack its data (${error}); it needs a browser from 2023 or later.`;
   throw error;
 });
