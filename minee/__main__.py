@@ -196,8 +196,9 @@ def cmd_lens(args):
         raise ValueError(f"unknown metric {args.metric!r}; choose from {', '.join(METRICS)}")
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1 (tokens listed per cell), got {args.top_k}")
-    if args.out:
-        check_output_file(args.out)
+    for path in (args.out, args.html):
+        if path:
+            check_output_file(path)
     model = load_with_tokenizer(args.model, "minee cannot encode a text prompt")
     shortcut = load_shortcut(args, model)
     ids = model.tokenizer.encode(args.prompt)
@@ -209,22 +210,28 @@ def cmd_lens(args):
         from .plots import plot_lens
         points = range(1, len(result.points), 2) if args.blocks_only else None
         plot_lens(result, model.tokenizer, args.metric, points=points, out=args.out, shortcut=through)
+    if args.html:
+        result.save_html(args.html, shortcut=through, metric=args.metric, title=f"minee logit lens: {args.model}")
     if args.json:
-        print(json.dumps({"model": args.model, "prompt": args.prompt, "figure": args.out,
+        print(json.dumps({"model": args.model, "prompt": args.prompt, "figure": args.out, "page": args.html,
                           **result.to_json(model.tokenizer),
                           "through_shortcut": through and through.to_json(model.tokenizer)}))
         return
     for r in [result] + ([through] if through else []):
         print_lens(r, model.tokenizer, args.metric)
-    if args.out:
-        print(f"figure written to {args.out}", file=sys.stderr)
+    for path, what in ((args.out, "figure"), (args.html, "interactive page")):
+        if path:
+            print(f"{what} written to {path}", file=sys.stderr)
 
 
 def check_output_file(path):
-    """A figure or gate file can be written there: its directory exists (checked before the work)."""
+    """A figure, page or gate file can be written there: its directory exists and the path is not a
+    directory (checked before the work)."""
     parent = Path(path).expanduser().resolve().parent
     if not parent.is_dir():
         raise ValueError(f"cannot write {path}: its directory does not exist ({parent})")
+    if Path(path).expanduser().is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; give a file name")
 
 
 def token_limit(text):
@@ -396,12 +403,16 @@ def parser():
     common(le)
     le.add_argument("--prompt", required=True)
     le.add_argument("--out", help="write the heatmap to this PNG")
+    le.add_argument("--html", metavar="FILE",
+                    help="write the interactive lens to this HTML page: hover a cell for its top tokens, click "
+                         "one to follow it across the exit points; one self-contained file that works offline")
     le.add_argument("--metric", default="entropy",
-                    help="cell colour: entropy (default), kl, final_prob, final_rank, agree, accuracy")
-    le.add_argument("--top-k", type=int, default=5, help="top-k tokens per cell in --json")
+                    help="cell colour (the page's first colour): entropy (default), kl, final_prob, final_rank, "
+                         "agree, accuracy")
+    le.add_argument("--top-k", type=int, default=5, help="top-k tokens per cell in --json and --html")
     le.add_argument("--blocks-only", action="store_true",
                     help="plot only block outputs (odd points), not the after-attention points")
-    shortcut_option(le, "also read every point through these shortcuts (drawn side by side)")
+    shortcut_option(le, "also read every point through these shortcuts (drawn side by side; a toggle on the page)")
     le.set_defaults(run=cmd_lens)
 
     def corpus(cmd, max_tokens):

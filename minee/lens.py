@@ -5,12 +5,21 @@ logits are lm_head(final_norm(h_p)), h_p normalized with its own RMS. Comparing 
 the model's final prediction shows where, and how early, the answer forms.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .hooks import exit_point_names, point_label
 
 METRICS = ("entropy", "kl", "final_prob", "final_rank", "agree", "accuracy")   # the keys of lens_metrics
+METRIC_TITLES = {
+    "entropy": "entropy of the lens distribution (nats)",
+    "kl": "KL(final || point) (nats)",
+    "final_prob": "probability of the final top-1 token",
+    "agree": "top-1 equals the final top-1",
+    "accuracy": "top-1 equals the next gold token",
+    "final_rank": "rank of the final top-1 token",
+}
 
 
 def log_softmax(logits):
@@ -54,6 +63,12 @@ class LensResult:
     final_top_ids: np.ndarray      # (T,) the model's own prediction
     token_strings: list = field(default=None)   # input tokens as text, if a tokenizer is known
     shortcut: str = None           # None: the plain lens; else which shortcut it was read through
+    # what the interactive page (minee.lens_page) draws beyond the cells: a token's curve over all
+    # points, for every token in a position's top-k at any point (see token_curves)
+    curve_ids: np.ndarray = None   # (T, C) those tokens per position, ascending, then -1 as padding
+    curve_probs: np.ndarray = None   # (P, T, C) float32: their probability at every point (0: padding)
+    curve_ranks: np.ndarray = None   # (P, T, C) int32: their rank at every point, 0 = top (-1: padding)
+    texts: dict = None             # token id -> text, for ids and curve_ids (None without a tokenizer)
 
     @property
     def labels(self):
@@ -70,6 +85,30 @@ class LensResult:
             "top_probs": np.round(self.top_probs, 5).tolist(),
             "metrics": {k: np.round(v, 5).tolist() for k, v in self.metrics.items()},
         }
+
+    def to_html(self, shortcut=None, metric="entropy", title=None):
+        """This lens as one self-contained interactive HTML page (see minee.lens_page). shortcut:
+        the same prompt's LensResult read through a shortcut, shown with a toggle; metric: the
+        colour the page opens with; title: the page's heading (default "minee logit lens")."""
+        from .lens_page import page
+        return page([self] + ([shortcut] if shortcut is not None else []), metric, title)
+
+    def save_html(self, path, shortcut=None, metric="entropy", title=None):
+        """Write to_html(...) to `path` (UTF-8); open it in any browser, offline. Returns path."""
+        Path(path).write_text(self.to_html(shortcut, metric, title), encoding="utf-8")
+        return path
+
+    def show(self, shortcut=None, metric="entropy", title=None):
+        """Display the page in a Jupyter, Colab or VS Code notebook (in an isolated iframe)."""
+        from IPython.display import HTML, display
+
+        from .lens_page import iframe
+        display(HTML(iframe(self.to_html(shortcut, metric, title), len(self.points))))
+
+    def _repr_html_(self):
+        """A LensResult at the end of a notebook cell shows as the interactive page."""
+        from .lens_page import iframe
+        return iframe(self.to_html(), len(self.points))
 
 
 def exit_states(model, ids):
@@ -92,6 +131,36 @@ def point_chunks(P, T, V, budget_bytes=512 << 20):
     return [slice(i, min(i + step, P)) for i in range(0, P, step)]
 
 
+def position_chunks(P, T, V, budget_bytes=512 << 20):
+    """Split T positions into slices whose (P, t, V) float32 logits fit the memory budget (at
+    least one position each): token_curves needs every point of a position at once."""
+    step = max(1, budget_bytes // (P * V * 4 * 4))      # logits, log-probs, their sorted copy, a temporary
+    return [slice(i, min(i + step, T)) for i in range(0, T, step)]
+
+
+def token_curves(logp, top):
+    """Every token in a position's top-k at any point, with its probability and rank at every point:
+    what the lens page draws when a token is pinned (a curve must not stop where it left the top-k).
+
+    logp (P, T, V) log-probabilities at every point, top (P, T, k) their top-k ids. Returns
+    curve_ids (T, P*k): each position's tokens, ascending, then -1; curve_probs (P, T, P*k)
+    float32 and curve_ranks (P, T, P*k) int32 (0 = top), 0 and -1 where curve_ids is -1.
+    """
+    P, T, k = top.shape
+    ids = np.full((T, P * k), -1)                                        # (T, C)
+    for t in range(T):
+        found = np.unique(top[:, t])
+        ids[t, :len(found)] = found
+    own = np.take_along_axis(logp, np.broadcast_to(np.maximum(ids, 0), (P, T, P * k)), -1)   # (P, T, C)
+    ordered = np.sort(logp, axis=-1)                                     # (P, T, V) ascending
+    above = np.array([[np.searchsorted(ordered[p, t], own[p, t], side="right") for t in range(T)]
+                      for p in range(P)])                                # (P, T, C): entries <= each
+    pad = ids < 0                                                        # (T, C)
+    return {"curve_ids": ids,
+            "curve_probs": np.where(pad, 0, np.exp(own)).astype(np.float32),
+            "curve_ranks": np.where(pad, -1, logp.shape[-1] - above).astype(np.int32)}
+
+
 def point_logits(model, states, points, shortcut=None):
     """Logits (..., V) of states at exit points: lm_head(final_norm(h_p)), or, through a shortcut
     (minee.shortcuts), lm_head(final_norm(h_p @ weight[p] + bias[p])). points: one int for all
@@ -99,29 +168,35 @@ def point_logits(model, states, points, shortcut=None):
     return model.unembed(states if shortcut is None else shortcut.apply(states, points))
 
 
-def decode_points(model, states, final, targets, k=0, shortcut=None):
+def decode_points(model, states, final, targets, k=0, shortcut=None, curves=False):
     """Lens metrics {name: (P, T)} and, if k, top-k ids/probs (P, T, k) for states (P, T, D) of
     every exit point in order, decoded plainly or through a shortcut.
 
     All positions of a group of points go through the LM head as one matmul; groups are
     only as small as memory requires (all 2L points at once for a short prompt).
+    curves (with k): also token_curves, which needs all points at once: the caller passes only
+    as many positions as fit in memory (position_chunks).
     """
     P, T, _ = states.shape
     parts = []
-    for sl in point_chunks(P, T, model.config.vocab_size):
+    for sl in [slice(0, P)] if curves else point_chunks(P, T, model.config.vocab_size):
         logits = point_logits(model, states[sl], sl, shortcut)             # (p, T, V)
         m = lens_metrics(logits, final, targets)
         if k:
             top = top_k(logits, k)
+            logp = log_softmax(logits)                                     # (p, T, V)
             m["top_ids"] = top
-            m["top_probs"] = np.exp(np.take_along_axis(log_softmax(logits), top, -1))
+            m["top_probs"] = np.exp(np.take_along_axis(logp, top, -1))
+            if curves:
+                m.update(token_curves(logp, top))
         parts.append(m)
     return {name: np.concatenate([m[name] for m in parts]) for name in parts[0]}
 
 
 def lens(model, ids, k=5, shortcut=None):
     """The lens of one sequence `ids` (T,): every exit point decoded at every position, plainly
-    or through `shortcut` (minee.shortcuts.Shortcuts fitted on this model)."""
+    or through `shortcut` (minee.shortcuts.Shortcuts fitted on this model), with the top-k of each
+    cell and the curve of every token in a position's top-k (token_curves) for the lens page."""
     ids = model.check_ids(ids)
     if ids.shape[0] != 1:
         raise ValueError(f"lens() reads one sequence, got a batch of {ids.shape[0]}; call it per row")
@@ -132,14 +207,21 @@ def lens(model, ids, k=5, shortcut=None):
     targets = np.array(ids[1:] + [-1])                                   # next gold token, none at the end
     if shortcut is not None:
         shortcut.check_model(model)
-    m = decode_points(model, states, final, targets, k, shortcut)
+    parts = [decode_points(model, states[:, s], final[s], targets[s], k, shortcut, curves=True)
+             for s in position_chunks(*states.shape[:2], model.config.vocab_size)]
+    m = {name: np.concatenate([part[name] for part in parts], axis=0 if name == "curve_ids" else 1)
+         for name in parts[0]}                                           # joined along the positions
+    C = (m["curve_ids"] >= 0).sum(1).max()                               # the longest list; the rest is padding
+    curves = {name: m.pop(name)[..., :C] for name in ("curve_ids", "curve_probs", "curve_ranks")}
     tok = model.tokenizer
+    used = sorted(set(ids) | set(curves["curve_ids"][curves["curve_ids"] >= 0].tolist()))
     return LensResult(
         ids=ids, points=exit_point_names(model.config.n_layers),
         top_ids=m.pop("top_ids"), top_probs=m.pop("top_probs"), metrics=m,
         final_top_ids=final.argmax(-1),
         token_strings=tok.token_strings(ids) if tok else None,
-        shortcut=None if shortcut is None else shortcut_label(shortcut))
+        shortcut=None if shortcut is None else shortcut_label(shortcut),
+        **curves, texts=dict(zip(used, tok.token_strings(used))) if tok else None)
 
 
 def shortcut_label(shortcut):

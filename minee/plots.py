@@ -4,16 +4,7 @@ import numpy as np
 
 from .exits import KV_MODES
 from .hooks import point_label
-
-METRIC_TITLES = {
-    "entropy": "entropy of the lens distribution (nats)",
-    "kl": "KL(final || point) (nats)",
-    "final_prob": "probability of the final top-1 token",
-    "agree": "top-1 equals the final top-1",
-    "accuracy": "top-1 equals the next gold token",
-    "final_rank": "rank of the final top-1 token",
-}
-
+from .lens import METRIC_TITLES
 
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 

@@ -39,6 +39,22 @@ def word_level_model(path):
     return path
 
 
+def random_shortcuts(model, seed=1, scale=0.3):
+    """Shortcuts for `model` far from the identity, so that decoding through them changes the lens
+    visibly (the last point's map is the identity, as a fitted one is)."""
+    import numpy as np
+
+    from minee import shortcuts
+    D, P = model.config.d_model, 2 * model.config.n_layers
+    rng = np.random.default_rng(seed)
+    w = (np.eye(D) + scale * rng.standard_normal((P, D, D))).astype(np.float32)
+    b = rng.standard_normal((P, D)).astype(np.float32)
+    w[-1], b[-1] = np.eye(D), 0
+    meta = {"fingerprint": shortcuts.fingerprint(model), "model": "tiny", "tokens": 0, "ridge": 0.0,
+            "method": "lstsq", "points": list(range(P - 1))}
+    return shortcuts.Shortcuts(w, b, meta)
+
+
 def words(ids):
     """The text word_level_model's tokenizer encodes to `ids`."""
     return " ".join(f"w{i}" for i in ids)

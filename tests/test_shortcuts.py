@@ -13,6 +13,7 @@ import pytest
 
 import minee
 import weights_tool
+from helpers import random_shortcuts
 from minee import shortcuts
 from minee.__main__ import main
 from minee.analysis import teacher_forced
@@ -39,17 +40,6 @@ def model(tiny_dir):
 @pytest.fixture(scope="module")
 def ids():
     return np.random.default_rng(0).integers(0, 96, size=300)
-
-
-def random_shortcuts(model, seed=1, scale=0.3):
-    """Shortcuts far from the identity, so that decoding through them changes the lens visibly."""
-    rng = np.random.default_rng(seed)
-    w = (np.eye(D) + scale * rng.standard_normal((P, D, D))).astype(np.float32)
-    b = rng.standard_normal((P, D)).astype(np.float32)
-    w[-1], b[-1] = np.eye(D), 0
-    meta = {"fingerprint": shortcuts.fingerprint(model), "model": "tiny", "tokens": 0, "ridge": 0.0,
-            "method": "lstsq", "points": list(range(P - 1))}
-    return Shortcuts(w, b, meta)
 
 
 def all_states(model, ids):
