@@ -171,6 +171,7 @@ def fetch(name: str, progress: bool = True) -> Path:
             shutil.copyfile(previous, gguf_file)
         else:
             _assemble(spec, gguf_file, work, progress)
+        _say(f"converting {gguf_file.name} to float32 safetensors (once; later loads reuse it) ...", progress)
         gguf_to_hf(gguf_file, work, progress=progress)
 
     t0 = time.time()
@@ -691,6 +692,8 @@ def build_tokenizer(reader, progress: bool = True):
     elif kind == "llama":
         # SentencePiece BPE: "▁" marks a space, <0xNN> byte tokens for anything not in vocab.
         scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        if len(scores) != len(tokens):
+            raise GGUFError(f"tokenizer.ggml.scores has {len(scores):,} values for {len(tokens):,} pieces")
         if arch == "gemma3":
             # As transformers' GemmaTokenizer: a run of spaces is stored as spaces but looked up
             # as "▁▁..."; merges follow the order of the pieces (Gemma's scores do not).
@@ -771,7 +774,6 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
 
     t0 = time.time()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    _say(f"reading {gguf_path.name} ...", progress)
     reader = open_gguf(gguf_path)
     with reading_gguf(gguf_path):
         arch = _field(reader, "general.architecture")

