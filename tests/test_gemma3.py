@@ -4,6 +4,7 @@ tokenizer). The fetch and the SentencePiece merges are also checked on small fil
 including the hostile vocabulary of issue 18.
 """
 
+import hashlib
 import json
 import re
 import sys
@@ -183,10 +184,11 @@ def test_tiny_gemma3_without_sliding_window_and_with_linear_rope_scaling(tmp_pat
     """Two things transformers' GGUF loader does not read, filled in as llama.cpp runs the file:
     no sliding_window key means every layer attends to everything (not 4096 with 5 local of 6),
     and linear RoPE scaling applies to the global layers only."""
+    import gguf
     from transformers import Gemma3TextConfig
 
     write_tiny_gemma3_gguf(tmp_path / "g.gguf", L=7, window=None, untied=True,
-                           extra=[("add_rope_scaling_type", __import__("gguf").RopeScalingType.LINEAR),
+                           extra=[("add_rope_scaling_type", gguf.RopeScalingType.LINEAR),
                                   ("add_rope_scaling_factor", 8.0)])
     out = gguf_to_hf(tmp_path / "g.gguf", tmp_path / "hf", progress=False)
     cfg = json.loads((out / "config.json").read_text())
@@ -330,8 +332,6 @@ def fake_gemma3_wheels(tmp_path, monkeypatch):
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_gemma3_gguf(gguf_path, L=1)
     data = gguf_path.read_bytes()
-    import hashlib
-
     spec = dict(KNOWN_MODELS[GEMMA3], size=len(data), sha256=hashlib.sha256(data).hexdigest())
     monkeypatch.setitem(KNOWN_MODELS, GEMMA3, spec)
     monkeypatch.setenv("MINEE_CACHE", str(tmp_path / "cache"))
@@ -539,13 +539,11 @@ def test_tokenizer_on_the_corpus_equals_transformers(gemma3_tokenizer, hf_gemma3
 
 
 def test_tokenizer_vocabulary_specials_and_config(gemma3_dir, gemma3_tokenizer, hf_gemma3_tokenizer):
-    import json as _json
-
     assert gemma3_tokenizer.get_vocab_size() == hf_gemma3_tokenizer.vocab_size == 262_144
     assert gemma3_tokenizer.get_vocab() == hf_gemma3_tokenizer.get_vocab()
-    merges = _json.loads((gemma3_dir / "tokenizer.json").read_text())["model"]["merges"]
+    merges = json.loads((gemma3_dir / "tokenizer.json").read_text())["model"]["merges"]
     assert len(merges) < 262_144                                    # one per piece at most (transformers: 514,906)
-    cfg = _json.loads((gemma3_dir / "tokenizer_config.json").read_text())
+    cfg = json.loads((gemma3_dir / "tokenizer_config.json").read_text())
     assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"], cfg["unk_token"]) == (
         hf_gemma3_tokenizer.bos_token, hf_gemma3_tokenizer.eos_token, hf_gemma3_tokenizer.pad_token,
         hf_gemma3_tokenizer.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
