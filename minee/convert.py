@@ -648,7 +648,8 @@ def _spm_merges(tokens: list[str], scores: list[float], unk: str) -> list[tuple[
     score = dict(zip(tokens, scores))             # ... and its last score, in first-seen order
     ranks, work = {}, 0
     for _, pos, piece in sorted((len(t), pos, t) for pos, t in enumerate(score) if len(t) > 1):
-        atoms = piece != unk and (unk in piece or (_BYTE_PIECE.search(piece) and not _BYTE_PIECE.fullmatch(piece)))
+        byte_text = _BYTE_PIECE.search(piece) and not _BYTE_PIECE.fullmatch(piece)
+        atoms = piece != unk and (unk in piece or byte_text)
         if atoms:                                 # every split, as transformers (n*n work)
             pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
         else:
