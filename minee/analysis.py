@@ -15,6 +15,7 @@ from .exits import (KV_MODES, Gate, cosine, default_min_point, first_match_point
                     stable_point, train_learned_gate)
 from .hooks import exit_point_names
 from .lens import log_softmax, point_chunks, point_logits, shortcut_label, windows
+from .limits import CORPUS_PIECE_CHARS
 from .parallel import map_windows
 from .shortcuts import Shortcuts
 
@@ -50,13 +51,24 @@ class TeacherForced:
 def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
     """Token ids of the evaluation corpus (or any text file): the first max_tokens (None = all)
     after `skip` (e.g. skip the tokens shortcuts were fitted on, to score held-out text). Asking
-    for more tokens than the text holds is an error, not a silently longer run."""
+    for more tokens than the text holds is an error, not a silently longer run.
+
+    A corpus may be long: it is read and tokenized in pieces (corpus_pieces), and reading stops
+    as soon as skip + max_tokens tokens are there, so the memory tokenizing takes is one piece's
+    however long the file is."""
     path = Path(path or DEFAULT_CORPUS)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} not found")
     if skip < 0:
         raise ValueError(f"skip (--skip-tokens) must be >= 0, got {skip}")
-    ids = np.array(tokenizer.encode(path.read_text(errors="replace")), dtype=np.int64)[skip:]
+    want = skip + max_tokens if max_tokens is not None and max_tokens >= 2 else None
+    parts, n = [np.zeros(0, np.int64)], 0
+    for i, piece in enumerate(corpus_pieces(path)):
+        parts.append(np.array(tokenizer.encode(piece, add_special_tokens=i == 0), dtype=np.int64))
+        n += len(parts[-1])
+        if want is not None and n >= want:
+            break
+    ids = np.concatenate(parts)[skip:]
     holds = f"{len(ids):,} tokens" + (f" after the {skip:,} skipped" if skip else "")
     if max_tokens is not None and not 2 <= max_tokens <= len(ids):
         raise ValueError(f"max_tokens={max_tokens} does not fit the corpus {path.name}, which holds {holds}: "
@@ -64,6 +76,25 @@ def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
     if len(ids) < 2:
         raise ValueError(f"the corpus {path} holds {holds}; it needs at least 2")
     return ids[:max_tokens]
+
+
+def corpus_pieces(path):
+    """The text of a corpus file in pieces of at most CORPUS_PIECE_CHARS characters, each ending
+    after its last line break (cut at the limit only inside a longer line), for tokenizing one at
+    a time. Where a piece ends, tokens may differ from tokenizing the whole text at once (a word
+    cut in two, a SentencePiece space mark at the piece's start): at most once per piece, never
+    in a file shorter than a piece, such as minee's own corpus."""
+    rest = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            text = rest + f.read(CORPUS_PIECE_CHARS - len(rest))
+            if len(text) < CORPUS_PIECE_CHARS:                  # the end of the file
+                if text:
+                    yield text
+                return
+            cut = text.rfind("\n") + 1 or len(text)
+            yield text[:cut]
+            rest = text[cut:]
 
 
 def check_run_sizes(window, gen_prompts=None, gen_tokens=None):

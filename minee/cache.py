@@ -1,5 +1,9 @@
 """KV cache: every layer's keys and values, preallocated once; each row is one sequence with its own length."""
+import math
+
 import numpy as np
+
+from .limits import check_memory
 
 
 class CacheFullError(ValueError):
@@ -17,6 +21,9 @@ class KVCache:
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim):
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        check_memory(2 * 4 * math.prod(shape), f"a KV cache of {batch_size} row(s) x {max_len:,} positions",
+                     "make a smaller one: fewer positions (max_len; for generate, a shorter prompt or fewer "
+                     "max_new_tokens) or fewer rows (batch_size)")
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
         self.lengths = np.zeros(batch_size, dtype=np.int64)     # (B,) filled positions per row

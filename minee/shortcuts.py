@@ -19,6 +19,7 @@ that was not fitted keeps the identity too: through it, the shortcut lens is the
 """
 import functools
 import hashlib
+import io
 import json
 import operator
 import zipfile
@@ -28,6 +29,7 @@ import numpy as np
 
 from .hooks import exit_point_names
 from .lens import windows
+from .limits import MAX_META_CHARS, MAX_NPY_HEADER
 from .loading import fingerprint
 from .ops import softmax
 from .parallel import map_windows
@@ -283,7 +285,6 @@ class _Adam:
 
 # ------------------------------------------------------------------ the file
 
-MAX_META_CHARS = 1 << 20
 
 
 def load(path, model):
@@ -299,8 +300,8 @@ def load(path, model):
     except FileNotFoundError:
         raise ShortcutsError(f"{where} not found; make one with `python -m minee shortcuts fit "
                              "--model M --out FILE.npz`") from None
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ShortcutsError(f"{where} is not a .npz archive ({e})") from None
+    except Exception as e:                     # zipfile fails on damaged bytes with errors of every kind
+        raise ShortcutsError(f"{where} is not a .npz archive ({type(e).__name__}: {e})") from None
     with zf:
         weight = _float_array(zf, where, "weight", (P, D, D))
         bias = _float_array(zf, where, "bias", (P, D))
@@ -312,24 +313,26 @@ def load(path, model):
 
 def _read_array(zf, where, name, check):
     """Array `name` of the archive, read only once check(shape, dtype) accepted its header
-    (it returns an error message or None)."""
+    (it returns an error message or None). The header is read from at most MAX_NPY_HEADER bytes
+    (numpy would read whatever length the file declares, before checking it)."""
     member = f"{name}.npy"
     if member not in zf.namelist():
         raise ShortcutsError(f"{where}: field {name!r} is missing (the file has {sorted(zf.namelist())})")
     try:
         with zf.open(member) as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)(f)
+            head = io.BytesIO(f.read(MAX_NPY_HEADER + 16))
+        version = np.lib.format.read_magic(head)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)(head)
         problem = check(tuple(shape), dtype)
         if problem:
             raise ShortcutsError(f"{where}: field {name!r} {problem}")
         with zf.open(member) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        if isinstance(e, ShortcutsError):
-            raise
-        raise ShortcutsError(f"{where}: field {name!r} cannot be read ({e})") from None
+    except ShortcutsError:
+        raise
+    except Exception as e:     # zipfile, zlib, lzma, bz2 and numpy fail on damaged bytes with errors of their own
+        raise ShortcutsError(f"{where}: field {name!r} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _float_array(zf, where, name, shape):

