@@ -75,8 +75,11 @@ def prompt_byte_limit(context, max_token_bytes):
 
 
 def size_text(n):
-    """Bytes as GiB or MiB, for error messages."""
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """Bytes as GiB, MiB or KiB, for error messages."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 # ------------------------------------------------------------------ memory

@@ -129,7 +129,10 @@ def gguf_string(text, length=None):
 
 
 def gguf_value(kind, value):
-    """(type code, bytes) of one metadata value; kind is a GGUF_KINDS name or ("array", item kind[, declared count])."""
+    """(type code, bytes) of one metadata value; kind is a GGUF_KINDS name, ("array", item kind[,
+    declared count]), or a type code whose value is given as raw bytes (which may say anything)."""
+    if isinstance(kind, int):
+        return kind, value
     if isinstance(kind, tuple):
         _, item, *count = kind
         body = b"".join(gguf_value(item, v)[1] for v in value)
@@ -441,6 +444,119 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         read_header(tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="known models: smollm2-135m"):
         fetch("llama-70b")
+
+
+# ----------------------------------------------------------------------------- where and what a conversion writes
+
+def weights_tool_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "weights_tool.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_convert_writes_only_into_a_new_empty_or_earlier_conversion_directory(tmp_path):
+    """convert into a directory holding an older sharded checkpoint left its index there, and the
+    result loaded the old shards with the new config, silently."""
+    import minee
+
+    old_gguf = craft_gguf(tmp_path / "old.gguf", *llama_parts(seed=0))
+    new_gguf = craft_gguf(tmp_path / "new.gguf", *llama_parts(seed=1))
+    want = minee.load(gguf_to_hf(new_gguf, tmp_path / "reference", progress=False)).forward([1, 2, 3])
+    target = gguf_to_hf(old_gguf, tmp_path / "target", progress=False)     # resharded: an older checkpoint
+    names = load_st(target / "model.safetensors")
+    (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
+    (target / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    (target / convert.MARKER).unlink()
+    before = {f.name: f.read_bytes() for f in target.iterdir()}
+    r = weights_tool_cli("convert", new_gguf, target)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == (
+        f"weights_tool.py: error: cannot convert into {target}: it holds config.json, model-00001-of-00001.safetensors, "
+        "model.safetensors.index.json, tokenizer.json, tokenizer_config.json, which minee did not write; convert into "
+        "a new or empty directory\n")
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):           # then over the earlier conversion there: replaced
+        for gguf in (old_gguf, new_gguf):
+            assert weights_tool_cli("convert", gguf, out).returncode == 0
+        np.testing.assert_array_equal(minee.load(out).forward([1, 2, 3]), want)
+        assert sorted(f.name for f in out.iterdir()) == sorted(convert.CONVERSION_FILES)
+    (empty / "notes.txt").write_text("mine")
+    r = weights_tool_cli("convert", new_gguf, empty)
+    assert r.returncode == 2 and "notes.txt" in r.stderr and (empty / "notes.txt").read_text() == "mine"
+
+
+def test_gguf_replaced_after_hashing_is_not_cached_under_its_hash(tmp_path, monkeypatch):
+    """A GGUF replaced between hashing and converting was cached under the first file's hash."""
+    import hashlib
+    import os
+    import types
+
+    import minee
+
+    monkeypatch.setenv("MINEE_CACHE", str(tmp_path / "cache"))
+    path = craft_gguf(tmp_path / "m.gguf", *llama_parts(seed=0))
+    other = craft_gguf(tmp_path / "other.gguf", *llama_parts(seed=1))
+    want = minee.load(gguf_to_hf(path, tmp_path / "reference", progress=False)).forward([1, 2, 3])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    replaced = []
+
+    class Racing:
+        """A SHA-256 whose first digest is followed at once by another file taking the path."""
+        def __init__(self):
+            self.h = hashlib.sha256()
+
+        def update(self, data):
+            self.h.update(data)
+
+        def hexdigest(self):
+            if not replaced:
+                os.replace(other, path)
+                replaced.append(path)
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(convert, "hashlib", types.SimpleNamespace(sha256=Racing))
+    d = convert.converted_gguf(path, progress=False)
+    assert replaced and d.name == f"m-{digest[:16]}"
+    np.testing.assert_array_equal(minee.load(d).forward([1, 2, 3]), want)
+
+
+def test_gguf_changed_in_place_while_converting_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINEE_CACHE", str(tmp_path / "cache"))
+    path = craft_gguf(tmp_path / "m.gguf", *llama_parts())
+    real = convert.build_tokenizer
+
+    def build_and_change_the_file(reader, progress):
+        with open(path, "r+b") as f:                 # the last weight rewritten, as by a download still going on
+            f.seek(-4, 2)
+            f.write(b"\x01\x02\x03\x04")
+        return real(reader, progress)
+
+    monkeypatch.setattr(convert, "build_tokenizer", build_and_change_the_file)
+    with pytest.raises(convert.GGUFError, match=f"^{path}: the file changed while it was being converted"):
+        convert.converted_gguf(path, progress=False)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_conversion_output_is_bounded_by_its_input(tmp_path, monkeypatch):
+    """F16, Q8_0, Q4_0 and Q4_1 tensors take ~2.9 times their bytes as float32: over a bound of 2."""
+    path = tmp_path / "q.gguf"
+    write_tiny_llama_gguf(path, L=1, D=32, H=4, KV=2, F=64)
+    monkeypatch.setattr(convert, "MAX_CONVERSION_GROWTH", 2)
+    with pytest.raises(convert.GGUFError, match=f"^{path}: converting its 0.0 MiB of tensors would write 0.1 MiB, "
+                                                "more than 2 times as much"):
+        gguf_to_hf(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_needs_the_disk_space(tmp_path, monkeypatch):
+    import types
+
+    path = craft_gguf(tmp_path / "m.gguf", *llama_parts())
+    monkeypatch.setattr(convert.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
+    with pytest.raises(OSError, match=f"converting {path} needs 0.1 MiB of disk in {tmp_path}, but only 0.0 MiB is free"):
+        gguf_to_hf(path, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
 # ----------------------------------------------------------------------------- fetch
