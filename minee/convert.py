@@ -340,12 +340,14 @@ def check_gguf_layout(f) -> None:
             return struct.unpack_from(order + code, m, take(struct.calcsize(code), what))[0]
 
         def string(what):
+            """A key or tensor name, as messages show it (a hostile one may be long or unprintable)."""
             n = number("Q", f"the length of {what}")
             start = take(n, what)
             try:
-                return m[start:start + n].decode()
+                text = m[start:start + n].decode()
             except UnicodeDecodeError:
                 raise GGUFError(f"{what} at byte {start:,} is not UTF-8 text") from None
+            return text if len(text) <= 80 and text.isprintable() else f"{text[:80]!r}..."
 
         version = number("I", "the version")
         if version not in (2, 3):
