@@ -16,7 +16,9 @@ class KVCache:
     The model writes a forward pass's new positions with `write`, reads a layer's keys/values
     with `view`, and moves the rows' lengths on with `advance` once all layers have been written.
     Rows may hold sequences of different lengths (prompts of different lengths, a row refilled
-    with a new prompt); setting a row's length back forgets its later positions.
+    with a new prompt); setting a row's length back forgets its later positions. A cache larger
+    than the memory this process may still allocate (limits.check_memory) is refused before it is
+    allocated.
     """
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim):
