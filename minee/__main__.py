@@ -12,8 +12,8 @@ import minee
 from minee.config import read_text
 from minee.exits import KV_MODES
 from minee.generate import check_prompt, check_sampling, encode_prompt
-from minee.limits import MAX_PROMPT_BYTES, out_of_memory_message
 from minee.hooks import point_label
+from minee.limits import MAX_PROMPT_BYTES, out_of_memory_message
 from minee.parallel import dask_cluster
 from minee.shortcuts import DEFAULT_RIDGE
 from minee.speculative import DEFAULT_K, draft_decoder
@@ -169,9 +169,9 @@ def read_prompts(path):
     prompts = []
     for n, line in enumerate(text.split("\n"), 1):
         line = line.removesuffix("\r")
-        if len(line.encode()) > MAX_PROMPT_BYTES:
-            raise ValueError(f"prompts file {path}, line {n}: {len(line.encode()):,} bytes; a prompt may hold at "
-                             f"most {MAX_PROMPT_BYTES:,}")
+        if (size := len(line.encode())) > MAX_PROMPT_BYTES:
+            raise ValueError(f"prompts file {path}, line {n}: {size:,} bytes; a prompt may hold at most "
+                             f"{MAX_PROMPT_BYTES:,}")
         if line.strip():
             prompts.append((n, json_prompt(path, n, line) if jsonl else line))
     if not prompts:

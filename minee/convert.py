@@ -708,12 +708,12 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
     is one GGUFError naming it.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists():
-        names = set(os.listdir(out_dir)) if out_dir.is_dir() else None
-        if names is None or names and not (MARKER in names and names <= CONVERSION_FILES):
-            shown = "it is not a directory" if names is None else f"it holds {', '.join(sorted(names)[:6])}"
-            raise FileExistsError(f"cannot convert into {out_dir}: {shown}, which minee did not write; "
-                                  "convert into a new or empty directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"cannot convert into {out_dir}: it is a file")
+    names = set(os.listdir(out_dir)) if out_dir.is_dir() else set()
+    if names and not (MARKER in names and names <= CONVERSION_FILES):
+        raise FileExistsError(f"cannot convert into {out_dir}: it holds {', '.join(sorted(names)[:6])}, which minee "
+                              "did not write; convert into a new or empty directory")
     reader = open_gguf(gguf_path)
     digest = gguf_sha256(reader)
     return _install(out_dir, lambda work: _convert(reader, gguf_path, work, progress, digest),

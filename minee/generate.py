@@ -45,7 +45,7 @@ def check_prompt(model, text, what="the prompt"):
     its context's tokens can stand for (each at most the vocabulary's longest token), and at most
     MAX_PROMPT_BYTES (limits.prompt_byte_limit). `what` names the text in the error."""
     context = model.config.max_position_embeddings
-    size = len(text.encode())
+    size = len(text.encode("utf-8", "surrogatepass"))
     if size <= context:                                  # fits whatever the vocabulary: no need to look at it
         return
     longest = model.tokenizer.max_token_bytes

@@ -75,11 +75,11 @@ def prompt_byte_limit(context, max_token_bytes):
 
 
 def size_text(n):
-    """Bytes as GiB, MiB or KiB, for error messages."""
-    for unit, shift in (("GiB", 30), ("MiB", 20)):
+    """Bytes as GiB, MiB, KiB or bytes, for error messages."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:
             return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n / 1024:.1f} KiB"
+    return f"{n} bytes"
 
 
 # ------------------------------------------------------------------ memory
@@ -174,7 +174,8 @@ def _cgroup_room(d, limit_file, usage_file):
         return None
     if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:    # v1 writes "no limit" as ~2**63
         return None
-    return int(limit) - usage, f"the cgroup limit {d / limit_file} of {size_text(int(limit))}, {size_text(usage)} in use"
+    return (int(limit) - usage,
+            f"the cgroup limit {d / limit_file} of {size_text(int(limit))}, {size_text(usage)} in use")
 
 
 @contextmanager

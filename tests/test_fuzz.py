@@ -360,7 +360,8 @@ def test_fuzz_corrupted_checkpoints_ggufs_and_templates(bases, tmp_path):
 
     outcomes = run_worker(cases)
     counts = collections.Counter((c["id"].split(" ", 1)[0], o) for c, (o, _) in zip(cases, outcomes.values()))
-    templates = collections.Counter(template_outcome(o, d) for i, (o, d) in outcomes.items() if i.startswith("template"))
+    templates = collections.Counter(template_outcome(o, d) for i, (o, d) in outcomes.items()
+                                    if i.startswith("template"))
     print(f"\n{len(cases)} fuzz cases: " + ", ".join(f"{kind} {o} {n}" for (kind, o), n in sorted(counts.items())))
     print("templates: " + ", ".join(f"{o} {n}" for o, n in templates.most_common()))
     failures = [f"{i}\n    -> {o}: {d}" for i, (o, d) in outcomes.items() if o not in allowed[i]]
