@@ -17,7 +17,7 @@ from .hooks import exit_point_names
 from .lens import log_softmax, point_chunks, point_logits, shortcut_label, windows
 from .limits import CORPUS_PIECE_CHARS
 from .parallel import map_windows
-from .shortcuts import Shortcuts
+from .shortcuts import Shortcuts, read_npz_array
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 MODERN_PROSE = Path(__file__).parent / "data" / "modern_prose.txt"     # held-out text for shortcuts (E7)
@@ -469,17 +469,23 @@ def save_table(path, tf, perplexity, ids, window, key="plain"):
 def load_table(path, ids, window, n_points, key="plain"):
     """(table, perplexity) saved by save_table for these ids, window, n_points exit points and key
     ("plain" or a shortcut's digest), else (None, None): a missing, damaged or foreign file is
-    recomputed (np.load never unpickles)."""
+    recomputed. Every array's header is checked before it is read (shortcuts.read_npz_array), so a
+    damaged or hostile file allocates nothing it declares, and nothing is unpickled."""
     N = len(ids) - 1                                                   # predictions in the table
     shapes = {k: (n_points, N) for k in TeacherForced.__dataclass_fields__} | {"targets": (N,), "inputs": (N,)}
+    expected = {"window": (), "perplexity": (), "key": (), "ids": (N + 1,), **shapes}
+
+    def check(want):
+        return lambda shape, dtype: None if shape == want and (dtype.kind in "iuf" or (
+            dtype.kind == "U" and dtype.itemsize <= 4096)) else "is not what save_table writes"
     try:
-        with np.load(path) as z:
-            if (int(z["window"]) != window or not np.array_equal(z["ids"], ids) or str(z["key"]) != key
-                    or any(z[k].shape != shape for k, shape in shapes.items())):
-                return None, None
-            return TeacherForced(**{k: z[k] for k in shapes}), float(z["perplexity"])
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        with zipfile.ZipFile(path) as zf:
+            z = {k: read_npz_array(zf, path, k, check(want), ValueError) for k, want in expected.items()}
+    except (OSError, ValueError, zipfile.BadZipFile):                  # missing, damaged or foreign: recompute
         return None, None
+    if int(z["window"]) != window or not np.array_equal(z["ids"], ids) or str(z["key"]) != key:
+        return None, None
+    return TeacherForced(**{k: z[k] for k in shapes}), float(z["perplexity"])
 
 
 def head_cost_in_layers(config):

@@ -311,13 +311,14 @@ def load(path, model):
     return sc
 
 
-def _read_array(zf, where, name, check):
-    """Array `name` of the archive, read only once check(shape, dtype) accepted its header
-    (it returns an error message or None). The header is read from at most MAX_NPY_HEADER bytes
-    (numpy would read whatever length the file declares, before checking it)."""
+def read_npz_array(zf, where, name, check, error=ShortcutsError):
+    """Array `name` of the .npz archive zf (a zipfile.ZipFile), read only once check(shape, dtype)
+    accepted its header (it returns an error message or None), so that no size a file declares is
+    allocated unchecked. The header is read from at most MAX_NPY_HEADER bytes (numpy would read
+    whatever length the file declares, before checking it). Any problem is `error` naming `where`."""
     member = f"{name}.npy"
     if member not in zf.namelist():
-        raise ShortcutsError(f"{where}: field {name!r} is missing (the file has {sorted(zf.namelist())})")
+        raise error(f"{where}: field {name!r} is missing (the file has {sorted(zf.namelist())})")
     try:
         with zf.open(member) as f:
             head = io.BytesIO(f.read(MAX_NPY_HEADER + 16))
@@ -325,14 +326,15 @@ def _read_array(zf, where, name, check):
         shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)(head)
         problem = check(tuple(shape), dtype)
-        if problem:
-            raise ShortcutsError(f"{where}: field {name!r} {problem}")
+    except Exception as e:     # zipfile, zlib, lzma, bz2 and numpy fail on damaged bytes with errors of their own
+        raise error(f"{where}: field {name!r} cannot be read ({type(e).__name__}: {e})") from None
+    if problem:
+        raise error(f"{where}: field {name!r} {problem}")
+    try:
         with zf.open(member) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
-    except ShortcutsError:
-        raise
-    except Exception as e:     # zipfile, zlib, lzma, bz2 and numpy fail on damaged bytes with errors of their own
-        raise ShortcutsError(f"{where}: field {name!r} cannot be read ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise error(f"{where}: field {name!r} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _float_array(zf, where, name, shape):
@@ -342,7 +344,7 @@ def _float_array(zf, where, name, shape):
     def check(got_shape, dtype):
         if dtype != want or got_shape != shape:
             return f"is {dtype} {got_shape}; this model needs float32 {shape}"
-    array = _read_array(zf, where, name, check)
+    array = read_npz_array(zf, where, name, check)
     if not np.isfinite(array).all():
         raise ShortcutsError(f"{where}: field {name!r} has {int((~np.isfinite(array)).sum())} NaN or "
                              "infinite values")
@@ -355,7 +357,7 @@ def _read_meta(zf, where, P):
         if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * MAX_META_CHARS:
             return f"must be one JSON string, got {dtype} {shape}"
     try:
-        meta = json.loads(str(_read_array(zf, where, "meta", check)))
+        meta = json.loads(str(read_npz_array(zf, where, "meta", check)))
     except json.JSONDecodeError as e:
         raise ShortcutsError(f"{where}: field 'meta' is not valid JSON ({e})") from None
     if not isinstance(meta, dict):

@@ -527,6 +527,18 @@ def test_reused_analysis_table_is_checked(tmp_path):
     mark = tmp_path / "pwned"
     np.savez(bad, window=8, ids=ids, perplexity=1.0, top1=np.array([_Pickled(mark)], dtype=object))
     assert load_table(bad, ids, 8, P) == (None, None) and not mark.exists()
+    bad.write_bytes(damaged_member(good, "kl.npy"))      # save_table compresses: damaged deflate data (issue 18)
+    assert load_table(bad, ids, 8, P) == (None, None)
+    members = {m: zipfile.ZipFile(good).read(m) for m in zipfile.ZipFile(good).namelist()}
+    with zipfile.ZipFile(bad, "w") as z:                # a member declaring 8 TB, holding nothing
+        for name, data in members.items():
+            header = np.lib.format.header_data_from_array_1_0(np.zeros(0)) | {"shape": (10**6, 10**6)}
+            with z.open(name, "w") as f:
+                if name == "kl.npy":
+                    np.lib.format.write_array_header_1_0(f, header)
+                else:
+                    f.write(data)
+    assert load_table(bad, ids, 8, P) == (None, None)
 
 
 # ----------------------------------------------------------------------------- 5. GGUF headers (issue 18)
@@ -751,6 +763,17 @@ def shortcut_file(model, path, method=zipfile.ZIP_STORED):
     return path
 
 
+def damaged_member(path, name):
+    """The bytes of the zip file `path` with the first 8 bytes of member `name`'s (compressed) data
+    overwritten, which no decompressor accepts."""
+    raw = bytearray(Path(path).read_bytes())
+    at = zipfile.ZipFile(path).getinfo(name).header_offset
+    name_len, extra_len = struct.unpack_from("<HH", raw, at + 26)        # from the member's own local header
+    start = at + 30 + name_len + extra_len
+    raw[start:start + 8] = b"\xff" * 8
+    return bytes(raw)
+
+
 @pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA, zipfile.ZIP_BZIP2],
                          ids=["deflate", "lzma", "bzip2"])
 def test_damaged_compressed_shortcut_file_is_one_clear_error(tiny, tmp_path, capsys, method):
@@ -758,11 +781,7 @@ def test_damaged_compressed_shortcut_file_is_one_clear_error(tiny, tmp_path, cap
 
     model = minee.load(tiny)
     path = shortcut_file(model, tmp_path / "sc.npz", method)
-    info = zipfile.ZipFile(path).getinfo("weight.npy")
-    raw = bytearray(path.read_bytes())
-    start = info.header_offset + 30 + len(info.filename) + len(info.extra)    # the compressed data
-    raw[start:start + 8] = b"\xff" * 8
-    path.write_bytes(bytes(raw))
+    path.write_bytes(damaged_member(path, "weight.npy"))
     with pytest.raises(ShortcutsError) as e:
         load(path, model)
     assert str(e.value).startswith(f"shortcut file {path}: field 'weight' cannot be read (")
