@@ -764,13 +764,13 @@ def shortcut_file(model, path, method=zipfile.ZIP_STORED):
 
 
 def damaged_member(path, name):
-    """The bytes of the zip file `path` with the first 8 bytes of member `name`'s (compressed) data
-    overwritten, which no decompressor accepts."""
+    """The bytes of the zip file `path` with 8 bytes in the middle of member `name`'s compressed data
+    overwritten: a decompressor's own error (zlib.error, LZMAError, ...) on reading it."""
     raw = bytearray(Path(path).read_bytes())
-    at = zipfile.ZipFile(path).getinfo(name).header_offset
-    name_len, extra_len = struct.unpack_from("<HH", raw, at + 26)        # from the member's own local header
-    start = at + 30 + name_len + extra_len
-    raw[start:start + 8] = b"\xff" * 8
+    info = zipfile.ZipFile(path).getinfo(name)
+    name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)   # the member's local header
+    middle = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+    raw[middle:middle + 8] = b"\xff" * 8
     return bytes(raw)
 
 
