@@ -141,7 +141,8 @@ def _address_space_room():
     used = mapped_bytes()
     if soft == resource.RLIM_INFINITY or used is None:
         return None
-    return soft - used, f"the address-space limit RLIMIT_AS (ulimit -v) of {size_text(soft)}, {size_text(used)} mapped"
+    return (soft - used,
+            f"the address-space limit RLIMIT_AS (ulimit -v) of {size_text(soft)}, {size_text(used)} mapped")
 
 
 def _cgroup_rooms():
@@ -153,7 +154,9 @@ def _cgroup_rooms():
         return []
     rooms = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if not path.startswith("/"):
+            continue
         if controllers == "":                                              # v2: "0::/path"
             base, files = CGROUP, ("memory.max", "memory.current")
         elif "memory" in controllers.split(","):                           # v1: "4:memory:/path"
@@ -168,6 +171,7 @@ def _cgroup_rooms():
 
 
 def _cgroup_room(d, limit_file, usage_file):
+    """(limit minus usage, label) of the cgroup directory d, or None if it sets no limit."""
     try:
         limit, usage = (d / limit_file).read_text().strip(), int((d / usage_file).read_text())
     except (OSError, ValueError):

@@ -150,13 +150,13 @@ def _budget():
             raise _OverBudget(f"ran for more than {TEMPLATE_SECONDS:g} s")
         return check
 
-    previous = sys.gettrace()
-    sys.settrace(check)
-    try:
-        with address_space(TEMPLATE_MEMORY):
+    with address_space(TEMPLATE_MEMORY):          # outermost: its limit is restored after the tracer is gone
+        previous = sys.gettrace()
+        sys.settrace(check)
+        try:
             yield
-    finally:
-        sys.settrace(previous)
+        finally:
+            sys.settrace(previous)
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
