@@ -11,7 +11,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 import zipfile
 from pathlib import Path
