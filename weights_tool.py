@@ -28,6 +28,7 @@ from minee.config import load_config, read_json  # noqa: E402
 from minee.convert import (  # noqa: E402
     KNOWN_MODELS, f32_to_bf16, fetch, gguf_metadata, gguf_to_hf, open_gguf, reading_gguf, write_safetensors,
 )
+from minee.limits import out_of_memory_message  # noqa: E402
 from minee.weights import DTYPES, read_header, safetensors_files  # noqa: E402
 
 
@@ -319,6 +320,9 @@ def main(argv=None) -> int:
         return 0
     except (ValueError, NotImplementedError, RuntimeError, OSError) as e:  # one line, as minee's CLI
         print(f"weights_tool.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"weights_tool.py: error: {out_of_memory_message()}", file=sys.stderr)
         return 2
     return 0
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 
 import minee
+from minee.config import read_text
 from minee.exits import KV_MODES
-from minee.generate import check_sampling
+from minee.generate import check_prompt, check_sampling, encode_prompt
 from minee.hooks import point_label
+from minee.limits import MAX_PROMPT_BYTES, out_of_memory_message
 from minee.parallel import dask_cluster
 from minee.shortcuts import DEFAULT_RIDGE
 from minee.speculative import DEFAULT_K, draft_decoder
@@ -119,6 +121,8 @@ def cmd_generate_many(args):
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     lines, prompts = zip(*read_prompts(args.prompts_file))
     model = load_with_tokenizer(args.model, "minee cannot encode a text prompt")
+    for line, prompt in zip(lines, prompts):                 # before any is tokenized
+        check_prompt(model, prompt, f"the prompt on line {line} of prompts file {args.prompts_file}")
     shortcut = load_shortcut(args, model)
     t0 = time.perf_counter()
     outs = minee.generate_many(model, prompts, batch_size, args.max_new_tokens, **sampling_options(args, shortcut))
@@ -153,19 +157,21 @@ def read_prompts(path):
 
     One prompt per line; blank lines are skipped. In a file whose name ends in .jsonl each line
     is JSON: a string, or an object {"prompt": "..."}; write a newline inside a prompt as \\n
-    there. In any other file each line is the prompt's text as it is.
+    there. In any other file each line is the prompt's text as it is. The file may hold at most
+    MAX_TEXT_BYTES and a line at most MAX_PROMPT_BYTES (each prompt is checked against the model's
+    own limit once it is loaded, see check_prompt).
     """
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompts file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        text = read_text(path, ValueError)
     except OSError as e:
         raise OSError(f"cannot read prompts file {path}: {e.strerror or e}") from None
     jsonl = str(path).endswith(".jsonl")
     prompts = []
     for n, line in enumerate(text.split("\n"), 1):
         line = line.removesuffix("\r")
+        if (size := len(line.encode())) > MAX_PROMPT_BYTES:
+            raise ValueError(f"prompts file {path}, line {n}: {size:,} bytes; a prompt may hold at most "
+                             f"{MAX_PROMPT_BYTES:,}")
         if line.strip():
             prompts.append((n, json_prompt(path, n, line) if jsonl else line))
     if not prompts:
@@ -201,9 +207,7 @@ def cmd_lens(args):
             check_output_file(path)
     model = load_with_tokenizer(args.model, "minee cannot encode a text prompt")
     shortcut = load_shortcut(args, model)
-    ids = model.tokenizer.encode(args.prompt)
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens; give at least one character")
+    ids = encode_prompt(model, args.prompt)
     result = lens(model, ids, k=args.top_k)
     through = shortcut and lens(model, ids, k=args.top_k, shortcut=shortcut)
     if args.out:
@@ -505,6 +509,9 @@ def main(argv=None):
             args.run(args)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         print(f"minee: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    except MemoryError:                             # an allocation beyond every check (they leave some room)
+        print(f"minee: error: {out_of_memory_message()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                       # Ctrl-C: joblib has already stopped any workers
         print("minee: interrupted", file=sys.stderr)

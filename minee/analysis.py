@@ -15,8 +15,9 @@ from .exits import (KV_MODES, Gate, cosine, default_min_point, first_match_point
                     stable_point, train_learned_gate)
 from .hooks import exit_point_names
 from .lens import check_window, log_softmax, point_chunks, point_logits, shortcut_label, windows
+from .limits import CORPUS_PIECE_CHARS
 from .parallel import map_windows
-from .shortcuts import Shortcuts
+from .shortcuts import Shortcuts, read_npz_array
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 MODERN_PROSE = Path(__file__).parent / "data" / "modern_prose.txt"     # held-out text for shortcuts (E7)
@@ -50,13 +51,24 @@ class TeacherForced:
 def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
     """Token ids of the evaluation corpus (or any text file): the first max_tokens (None = all)
     after `skip` (e.g. skip the tokens shortcuts were fitted on, to score held-out text). Asking
-    for more tokens than the text holds is an error, not a silently longer run."""
+    for more tokens than the text holds is an error, not a silently longer run.
+
+    A corpus may be long: it is read and tokenized in pieces (corpus_pieces), and reading stops
+    as soon as skip + max_tokens tokens are there, so the memory tokenizing takes is one piece's
+    however long the file is."""
     path = Path(path or DEFAULT_CORPUS)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} not found")
     if skip < 0:
         raise ValueError(f"skip (--skip-tokens) must be >= 0, got {skip}")
-    ids = np.array(tokenizer.encode(path.read_text(errors="replace")), dtype=np.int64)[skip:]
+    want = skip + max_tokens if max_tokens is not None and max_tokens >= 2 else None
+    parts, n = [np.zeros(0, np.int64)], 0
+    for i, piece in enumerate(corpus_pieces(path)):
+        parts.append(np.array(tokenizer.encode(piece, add_special_tokens=i == 0), dtype=np.int64))
+        n += len(parts[-1])
+        if want is not None and n >= want:
+            break
+    ids = np.concatenate(parts)[skip:]
     holds = f"{len(ids):,} tokens" + (f" after the {skip:,} skipped" if skip else "")
     if max_tokens is not None and not 2 <= max_tokens <= len(ids):
         raise ValueError(f"max_tokens={max_tokens} does not fit the corpus {path.name}, which holds {holds}: "
@@ -64,6 +76,25 @@ def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
     if len(ids) < 2:
         raise ValueError(f"the corpus {path} holds {holds}; it needs at least 2")
     return ids[:max_tokens]
+
+
+def corpus_pieces(path):
+    """The text of a corpus file in pieces of at most CORPUS_PIECE_CHARS characters, each ending
+    after its last line break (cut at the limit only inside a longer line), for tokenizing one at
+    a time. Where a piece ends, tokens may differ from tokenizing the whole text at once (a word
+    cut in two, a SentencePiece space mark at the piece's start): at most once per piece, never
+    in a file shorter than a piece, such as minee's own corpus."""
+    rest = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            text = rest + f.read(CORPUS_PIECE_CHARS - len(rest))
+            if len(text) < CORPUS_PIECE_CHARS:                  # the end of the file
+                if text:
+                    yield text
+                return
+            cut = text.rfind("\n") + 1 or len(text)
+            yield text[:cut]
+            rest = text[cut:]
 
 
 def check_run_sizes(window, gen_prompts=None, gen_tokens=None):
@@ -439,17 +470,23 @@ def save_table(path, tf, perplexity, ids, window, key="plain"):
 def load_table(path, ids, window, n_points, key="plain"):
     """(table, perplexity) saved by save_table for these ids, window, n_points exit points and key
     ("plain" or a shortcut's digest), else (None, None): a missing, damaged or foreign file is
-    recomputed (np.load never unpickles)."""
+    recomputed. Every array's header is checked before it is read (shortcuts.read_npz_array), so a
+    damaged or hostile file allocates nothing it declares, and nothing is unpickled."""
     N = len(ids) - 1                                                   # predictions in the table
     shapes = {k: (n_points, N) for k in TeacherForced.__dataclass_fields__} | {"targets": (N,), "inputs": (N,)}
+    expected = {"window": (), "perplexity": (), "key": (), "ids": (N + 1,), **shapes}
+
+    def check(want):
+        return lambda shape, dtype: None if shape == want and (dtype.kind in "iuf" or (
+            dtype.kind == "U" and dtype.itemsize <= 4096)) else "is not what save_table writes"
     try:
-        with np.load(path) as z:
-            if (int(z["window"]) != window or not np.array_equal(z["ids"], ids) or str(z["key"]) != key
-                    or any(z[k].shape != shape for k, shape in shapes.items())):
-                return None, None
-            return TeacherForced(**{k: z[k] for k in shapes}), float(z["perplexity"])
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        with zipfile.ZipFile(path) as zf:
+            z = {k: read_npz_array(zf, path, k, check(want), ValueError) for k, want in expected.items()}
+    except (OSError, ValueError, zipfile.BadZipFile):                  # missing, damaged or foreign: recompute
         return None, None
+    if int(z["window"]) != window or not np.array_equal(z["ids"], ids) or str(z["key"]) != key:
+        return None, None
+    return TeacherForced(**{k: z[k] for k in shapes}), float(z["perplexity"])
 
 
 def head_cost_in_layers(config):

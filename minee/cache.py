@@ -1,5 +1,9 @@
 """KV cache: every layer's keys and values, preallocated once; each row is one sequence with its own length."""
+import math
+
 import numpy as np
+
+from .limits import check_memory
 
 
 class CacheFullError(ValueError):
@@ -12,11 +16,16 @@ class KVCache:
     The model writes a forward pass's new positions with `write`, reads a layer's keys/values
     with `view`, and moves the rows' lengths on with `advance` once all layers have been written.
     Rows may hold sequences of different lengths (prompts of different lengths, a row refilled
-    with a new prompt); setting a row's length back forgets its later positions.
+    with a new prompt); setting a row's length back forgets its later positions. A cache larger
+    than the memory this process may still allocate (limits.check_memory) is refused before it is
+    allocated.
     """
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim):
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        check_memory(2 * 4 * math.prod(shape), f"a KV cache of {batch_size} row(s) x {max_len:,} positions",
+                     "make a smaller one: fewer positions (max_len; for generate, a shorter prompt or fewer "
+                     "max_new_tokens) or fewer rows (batch_size)")
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
         self.lengths = np.zeros(batch_size, dtype=np.int64)     # (B,) filled positions per row

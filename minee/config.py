@@ -12,10 +12,13 @@ bases). `_variant` maps each model_type's fields onto them.
 """
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .limits import MAX_INT_FIELDS, MAX_TEXT_BYTES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
@@ -33,18 +36,6 @@ DEFAULTS = {
                     "bos_token_id": 2, "eos_token_id": 1},
 }
 GEMMA_WINDOW_PATTERN = 6        # gemma3 without layer_types: every 6th block full, the others sliding
-
-# Upper bounds far above any released LLaMA (Llama-3.1-405B: 126 layers, width 16,384, FFN 53,248,
-# 128 heads, vocabulary 128,256). They exist so that a number in a file cannot make minee build
-# huge tables or allocate before the weights are looked at.
-MAX_INT_FIELDS = {
-    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
-    "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
-    "head_dim": 1024, "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24,
-    "sliding_window": 1 << 24, "max_window_layers": 1024, "query_pre_attn_scalar": 1 << 24,
-    "_sliding_window_pattern": 1024,
-}
-MAX_TEXT_BYTES = 64 << 20       # config, index, tokenizer_config and chat template files are kilobytes
 
 
 class ConfigError(ValueError):
@@ -109,12 +100,16 @@ class ModelConfig:
 
 
 def read_text(path, error=ConfigError) -> str:
-    """The UTF-8 text of one of the small files minee reads, or `error` naming the file."""
-    size = Path(path).stat().st_size
+    """The UTF-8 text of one of the small files minee reads (at most MAX_TEXT_BYTES), or `error` naming the file."""
+    chunks, size = [], 0
+    with open(path, "rb") as f:                          # read in pieces: bounded whatever the file claims
+        while size <= MAX_TEXT_BYTES and (chunk := f.read(1 << 20)):
+            chunks.append(chunk)
+            size += len(chunk)
     if size > MAX_TEXT_BYTES:
-        raise error(f"{path} is {size:,} bytes; minee reads such files only up to {MAX_TEXT_BYTES:,} bytes")
+        raise error(f"{path} is over {MAX_TEXT_BYTES:,} bytes; minee reads such files only up to that size")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path} is not UTF-8 text ({e})") from None
 
@@ -371,10 +366,40 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
+def model_tree(model_dir) -> Path:
+    """The directory every file of a model must lie in: the model directory itself (its real path),
+    or, for a snapshot in a Hugging Face cache (models--ORG--NAME/snapshots/REVISION, whose files
+    are links into models--ORG--NAME/blobs/), the whole models--ORG--NAME directory."""
+    d = Path(model_dir).resolve()
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        return d.parent.parent
+    return d
+
+
+def model_file(model_dir, name, error=ConfigError):
+    """model_dir/name, checked to be a regular file inside the model's tree (model_tree), symlinks
+    followed; None if there is no such file. A link out of the tree (a chat template pointing at a
+    file elsewhere on the machine), a directory, a pipe or a device is `error` naming it."""
+    path = Path(model_dir) / name
+    if not os.path.lexists(path):
+        return None
+    tree = model_tree(model_dir)
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):                      # a broken link, a link loop
+        raise error(f"{path} is a broken or looping link") from None
+    if not real.is_relative_to(tree):
+        raise error(f"{path} links to {real}, outside the model's directory {tree}; minee reads a model's "
+                    "files only from inside it (copy the file in if you trust it)")
+    if not real.is_file():
+        raise error(f"{path} is not a regular file")
+    return path
+
+
 def load_config(model_dir) -> ModelConfig:
     """The checked ModelConfig of a model directory; every ConfigError names its config.json."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    path = model_file(model_dir, "config.json")
+    if path is None:
         raise FileNotFoundError(f"no config.json in {model_dir}; point minee at a Hugging Face "
                                 "model directory (config.json + *.safetensors)")
     hf = read_json(path)

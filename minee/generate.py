@@ -7,6 +7,7 @@ import numpy as np
 from .batch import decode
 from .exits import ExitDecoder, ExitStats, check_kv_mode
 from .lens import shortcut_label
+from .limits import MAX_PROMPT_BYTES, prompt_byte_limit
 from .ops import softmax
 
 
@@ -29,12 +30,31 @@ def encode_prompt(model, prompt, chat=False):
         return [int(i) for i in ids[0]]
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer.json, so it cannot encode text; pass token ids")
+    check_prompt(model, prompt)
     if chat:
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        check_prompt(model, prompt, "the prompt as the chat template wrote it")
     ids = model.tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give at least one character")
     return ids
+
+
+def check_prompt(model, text, what="the prompt"):
+    """Refuse, before it is tokenized, a text longer than the model could ever use: more bytes than
+    its context's tokens can stand for (each at most the vocabulary's longest token), and at most
+    MAX_PROMPT_BYTES (limits.prompt_byte_limit). `what` names the text in the error."""
+    context = model.config.max_position_embeddings
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size <= context:                                  # fits whatever the vocabulary: no need to look at it
+        return
+    longest = model.tokenizer.max_token_bytes
+    limit = prompt_byte_limit(context, longest)
+    if size > limit:
+        why = (f"its context of {context:,} tokens, each standing for at most {longest} bytes of text"
+               if limit < MAX_PROMPT_BYTES else "the most minee tokenizes at once")
+        raise ValueError(f"{what} is {size:,} bytes, more than the model can use ({limit:,} bytes: {why}); "
+                         "shorten it")
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):

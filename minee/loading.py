@@ -39,7 +39,8 @@ def load(src, progress=True) -> Model:
     ensure_threads()
     path = resolve(src, progress)
     config = load_config(path)
-    return Model(config, load_weights(path, config), load_tokenizer(path), source=str(src))
+    tokenizer = load_tokenizer(path)           # before the weights, whose memory check then counts it
+    return Model(config, load_weights(path, config), tokenizer, source=str(src))
 
 
 def fingerprint(model, every_value=False):

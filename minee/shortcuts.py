@@ -19,6 +19,7 @@ that was not fitted keeps the identity too: through it, the shortcut lens is the
 """
 import functools
 import hashlib
+import io
 import json
 import operator
 import zipfile
@@ -28,6 +29,7 @@ import numpy as np
 
 from .hooks import exit_point_names
 from .lens import windows
+from .limits import MAX_META_CHARS, MAX_NPY_HEADER
 from .loading import fingerprint
 from .ops import softcap, softmax
 from .parallel import map_windows
@@ -307,7 +309,6 @@ class _Adam:
 
 # ------------------------------------------------------------------ the file
 
-MAX_META_CHARS = 1 << 20
 
 
 def load(path, model):
@@ -323,8 +324,8 @@ def load(path, model):
     except FileNotFoundError:
         raise ShortcutsError(f"{where} not found; make one with `python -m minee shortcuts fit "
                              "--model M --out FILE.npz`") from None
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ShortcutsError(f"{where} is not a .npz archive ({e})") from None
+    except Exception as e:                     # zipfile fails on damaged bytes with errors of every kind
+        raise ShortcutsError(f"{where} is not a .npz archive ({type(e).__name__}: {e})") from None
     with zf:
         weight = _float_array(zf, where, "weight", (P, D, D))
         bias = _float_array(zf, where, "bias", (P, D))
@@ -334,26 +335,30 @@ def load(path, model):
     return sc
 
 
-def _read_array(zf, where, name, check):
-    """Array `name` of the archive, read only once check(shape, dtype) accepted its header
-    (it returns an error message or None)."""
+def read_npz_array(zf, where, name, check, error=ShortcutsError):
+    """Array `name` of the .npz archive zf (a zipfile.ZipFile), read only once check(shape, dtype)
+    accepted its header (it returns an error message or None), so that no size a file declares is
+    allocated unchecked. The header is read from at most MAX_NPY_HEADER bytes (numpy would read
+    whatever length the file declares, before checking it). Any problem is `error` naming `where`."""
     member = f"{name}.npy"
     if member not in zf.namelist():
-        raise ShortcutsError(f"{where}: field {name!r} is missing (the file has {sorted(zf.namelist())})")
+        raise error(f"{where}: field {name!r} is missing (the file has {sorted(zf.namelist())})")
     try:
         with zf.open(member) as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)(f)
+            head = io.BytesIO(f.read(MAX_NPY_HEADER + 16))
+        version = np.lib.format.read_magic(head)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)(head)
         problem = check(tuple(shape), dtype)
-        if problem:
-            raise ShortcutsError(f"{where}: field {name!r} {problem}")
+    except Exception as e:     # zipfile, zlib, lzma, bz2 and numpy fail on damaged bytes with errors of their own
+        raise error(f"{where}: field {name!r} cannot be read ({type(e).__name__}: {e})") from None
+    if problem:
+        raise error(f"{where}: field {name!r} {problem}")
+    try:
         with zf.open(member) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        if isinstance(e, ShortcutsError):
-            raise
-        raise ShortcutsError(f"{where}: field {name!r} cannot be read ({e})") from None
+    except Exception as e:
+        raise error(f"{where}: field {name!r} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _mismatch(dtype, shape, want):
@@ -365,7 +370,7 @@ def _mismatch(dtype, shape, want):
 
 def _float_array(zf, where, name, shape):
     """A finite little-endian float32 array of exactly this shape."""
-    array = _read_array(zf, where, name, lambda got_shape, dtype: _mismatch(dtype, got_shape, shape))
+    array = read_npz_array(zf, where, name, lambda got_shape, dtype: _mismatch(dtype, got_shape, shape))
     if not np.isfinite(array).all():
         raise ShortcutsError(f"{where}: field {name!r} has {int((~np.isfinite(array)).sum())} NaN or "
                              "infinite values")
@@ -378,7 +383,7 @@ def _read_meta(zf, where, P):
         if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * MAX_META_CHARS:
             return f"must be one JSON string, got {dtype} {shape}"
     try:
-        meta = json.loads(str(_read_array(zf, where, "meta", check)))
+        meta = json.loads(str(read_npz_array(zf, where, "meta", check)))
     except json.JSONDecodeError as e:
         raise ShortcutsError(f"{where}: field 'meta' is not valid JSON ({e})") from None
     if not isinstance(meta, dict):

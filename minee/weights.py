@@ -3,8 +3,9 @@
 A .safetensors file is: 8 bytes (little-endian u64) header length N, a JSON header of N bytes
 {name: {"dtype", "shape", "data_offsets": [begin, end]}} with offsets into the data that follows,
 then the raw tensor bytes. Checkpoints come from anywhere, so before a single tensor is allocated
-every header entry is checked against the file, then names, dtypes and shapes against config.json,
-then the model's size against the free memory. Each problem is a WeightsError naming the file
+every file is checked to be a regular file inside the model's directory, every header entry against
+the file, then names, dtypes and shapes against config.json, then the model's size against the
+memory this process may still use (limits.available_memory). Each problem is a WeightsError naming the file
 and the tensor, never a huge allocation, a NumPy error or weights read from the wrong bytes.
 
 NumPy has no bfloat16: bf16 is the top half of a float32, so widening the raw uint16 by a
@@ -13,13 +14,13 @@ close to the float32 model size.
 """
 import json
 import math
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from .config import read_json
+from .config import model_file, read_json
+from .limits import MAX_HEADER_BYTES, check_memory
 
 # safetensors dtype code -> NumPy dtype that holds its raw bytes (bf16 and fp8 travel as unsigned
 # bits). The one copy of this table: the converter writes with it and `inspect` sizes tensors by it.
@@ -28,7 +29,6 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.ui
           "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
           "BOOL": np.bool_}
 FLOAT_DTYPES = ("F32", "F16", "BF16")      # the ones minee widens to float32
-MAX_HEADER_BYTES = 100_000_000             # the format's own limit on the JSON header
 # No trained LLaMA weight comes near float16's largest value (checkpoints routinely ship in F16),
 # so anything beyond it, like NaN or Inf, is damage that would turn the logits into NaN.
 MAX_ABS_WEIGHT = float(np.finfo(np.float16).max)      # 65504
@@ -112,10 +112,11 @@ def _is_count(x):
 
 
 def safetensors_files(model_dir) -> list:
-    """The checkpoint's .safetensors files: from model.safetensors.index.json if sharded."""
+    """The checkpoint's .safetensors files: from model.safetensors.index.json if sharded. Each is a
+    regular file inside the model's directory (config.model_file)."""
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
+    index = model_file(model_dir, "model.safetensors.index.json", WeightsError)
+    if index is not None:
         weight_map = read_json(index, WeightsError).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
             raise WeightsError(f"{index} has no weight_map of tensor name -> shard file name")
@@ -124,11 +125,12 @@ def safetensors_files(model_dir) -> list:
         if outside:
             raise WeightsError(f"{index} names {outside[0]!r} as a shard; shards must be .safetensors "
                                f"files in {model_dir}")
-        missing = [s for s in shards if not (model_dir / s).is_file()]
+        files = [model_file(model_dir, s, WeightsError) for s in shards]
+        missing = [s for s, f in zip(shards, files) if f is None]
         if missing:
             raise FileNotFoundError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
-        return [model_dir / s for s in shards]
-    files = sorted(model_dir.glob("*.safetensors"))
+        return files
+    files = [model_file(model_dir, f.name, WeightsError) for f in sorted(model_dir.glob("*.safetensors"))]
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}; minee reads safetensors "
                                 "checkpoints (convert a GGUF with `python weights_tool.py convert`)")
@@ -255,35 +257,23 @@ def _mismatches(where, want, config) -> list:
     return problems + [f"missing tensor {n} {want[n]}" for n in want if n not in where]
 
 
-def available_memory():
-    """Bytes this machine can still give us (Linux: MemAvailable), or None if the OS does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):           # other Unixes: free, else total RAM
-        try:
-            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, ValueError, OSError):
-            continue
-    return None
+def check_tensors(where, config, what):
+    """WeightsError "`what` ...: problem; problem; ..." unless the tensors where = {name: (file,
+    {"dtype", "shape"})} are exactly those the config implies, with its shapes, in a float dtype."""
+    problems = _mismatches(where, expected_shapes(config), config)
+    if problems:
+        shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise WeightsError(f"{what}: {shown}")
 
 
 def load_weights(model_dir, config) -> dict:
-    """Checkpoint name -> float32 array, checked against the config before any tensor is read."""
+    """Checkpoint name -> float32 array, checked against the config, and the model's size against
+    the memory this process may still use, before any tensor is read."""
     want = expected_shapes(config)
     where = text_model_names(read_headers(safetensors_files(model_dir)), config)
-    problems = _mismatches(where, want, config)
-    if problems:
-        shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
-        raise WeightsError(f"checkpoint in {model_dir} does not match its config.json: {shown}")
-    need, free = 4 * sum(math.prod(s) for s in want.values()), available_memory()
-    if free is not None and need > free:
-        raise WeightsError(f"the model in {model_dir} needs {need / 2**30:.1f} GiB of memory for its "
-                           f"float32 weights, but only {free / 2**30:.1f} GiB is available")
+    check_tensors(where, config, f"checkpoint in {model_dir} does not match its config.json")
+    check_memory(4 * sum(math.prod(s) for s in want.values()), f"the model in {model_dir} (float32 weights)",
+                 "use a smaller model, or free memory", WeightsError)
     params = {}
     for path in dict.fromkeys(where[name][0] for name in want):             # each file once, in order
         with open(path, "rb") as f:

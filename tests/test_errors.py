@@ -230,6 +230,30 @@ def test_kv_cache_batch_mismatch(model):
     assert "batch size 1" in str(e.value) and "2" in str(e.value) and "new_kv_cache" in str(e.value)
 
 
+def test_kv_cache_larger_than_memory_is_refused(model):
+    """A small model with a large cache died with a raw _ArrayMemoryError: the cache is now counted
+    against the memory this process may still use (minee.limits.available_memory), like the weights."""
+    with pytest.raises(ValueError) as e:
+        model.new_kv_cache(1, 10**9)                  # keys and values: 2 x 4 bytes x 2 layers x 2 heads x 8 = 256 GB
+    msg = str(e.value)
+    assert msg.startswith("a KV cache of 1 row(s) x 1,000,000,000 positions needs 238.4 GiB of memory and 64.0 MiB "
+                          "to work with, but only ") and "can be allocated (" in msg
+    assert "fewer positions (max_len" in msg
+
+
+def test_caches_that_generate_makes_are_checked(model, monkeypatch):
+    import minee.limits
+
+    monkeypatch.setattr(minee.limits, "available_memory", lambda: ((64 << 20) + 4096, "a test's limit"))
+    with pytest.raises(ValueError, match=r"^a KV cache of 3 row\(s\) x 6 positions needs 4.5 KiB of memory and 64.0 "
+                                         r"MiB to work with, but only 64.0 MiB can be allocated \(a test's limit\)"):
+        minee.generate_batch(model, [[1, 2], [3], [4]], 4)
+    monkeypatch.setattr(minee.limits, "available_memory", lambda: ((64 << 20) + 1000, "a test's limit"))
+    with pytest.raises(ValueError, match=r"^a KV cache of 1 row\(s\) x 5 positions needs 1.2 KiB .* "
+                                         r"\(a test's limit\)"):
+        minee.speculative_generate(model, [1, 2], 3, draft="fixed:1", k=2)
+
+
 def test_unknown_hook_name(model):
     with pytest.raises(KeyError) as e:
         model.forward([1, 2], hooks={"blocks.0.hook_resid_typo": lambda x, n: None})

@@ -1,7 +1,10 @@
-"""Fuzzing the loader: hundreds of seeded corruptions of a tiny checkpoint (and of a tiny GGUF
-through convert). Every case must load a model with finite logits or raise one of minee's own
-errors; any other exception, a crash, a hang, a huge allocation (the address space is capped)
-or NaN logits fails the test, which names the case (kind, seed, base) so make_case rebuilds it.
+"""Fuzzing the loader: hundreds of seeded corruptions of a tiny checkpoint, of a tiny GGUF
+through convert (its bytes, and the counts, lengths, types, dimensions and offsets of its header
+and tensor table), and hostile chat templates. Every case must load a model with finite logits
+(or render) or raise one of minee's own errors; any other exception, a crash, a hang (each case
+has a time limit), a huge allocation (the address space is capped) or NaN logits fails the test,
+which names the case (kind, seed, base) so make_case rebuilds it. The counts per outcome are
+printed (pytest -s).
 """
 import collections
 import json
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 
 import weights_tool
-from test_convert import write_tiny_llama_gguf
+from test_convert import craft_gguf, llama_parts, write_tiny_llama_gguf
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the worker relies on fork and RLIMIT_AS as Linux provides them")
@@ -26,7 +29,10 @@ HERE = Path(__file__).resolve().parent
 MEMORY_CAP = 1 << 30                          # RLIMIT_AS of the process that loads the cases
 SEEDS_PER_KIND = 60
 ALLOWED = {"load": {"loaded", "WeightsError", "ConfigError"},
-           "gguf": {"loaded", "WeightsError", "ConfigError", "GGUFError"}}
+           "gguf": {"loaded", "WeightsError", "ConfigError", "GGUFError"},
+           "template": {"rendered", "TokenizerError"}}
+TEMPLATE_CASES = 48
+TEMPLATE_SECONDS = 5              # a template case's time limit (its budget in the worker: 0.25 s)
 
 # Hostile values for header and config fields: wrong types, signs, sizes, and JSON's odd corners.
 HOSTILE = [0, -1, 1, 2, 3, 7, 2**31, 2**63, 2**64 + 1, 10**30, 1.5, -0.0, 1e-40, 1e300, math.nan,
@@ -187,6 +193,111 @@ def make_gguf_case(seed, base, out):
     return f"GGUF bytes {where}"
 
 
+# ----------------------------------------------------------------------------- GGUF header surgery
+
+GGUF_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_fields(raw):
+    """[(offset, struct code, what)] of every count, length, type, dimension and offset in the
+    header of the valid GGUF `raw`, and of its number-valued metadata: where a hostile file lies.
+    Written apart from minee's own walk over the header (check_gguf_layout), which it tests."""
+    fields, at = [], 4
+
+    def field(code, what):
+        nonlocal at
+        fields.append((at, code, what))
+        at += struct.calcsize(code)
+        return struct.unpack_from("<" + code, raw, at - struct.calcsize(code))[0]
+
+    def string(what, record=True):
+        nonlocal at
+        if record:
+            n = field("Q", f"length of {what}")
+        else:
+            n = struct.unpack_from("<Q", raw, at)[0]
+            at += 8
+        at += n
+        return raw[at - n:at].decode()
+
+    field("I", "version")
+    n_tensors, n_meta = field("Q", "tensor count"), field("Q", "metadata count")
+    for _ in range(n_meta):
+        key = string("a key")
+        kind = field("I", f"type of {key}")
+        if kind == 9:
+            item, count = field("I", f"item type of {key}"), field("Q", f"length of {key}")
+            for i in range(count):
+                if item == 8:
+                    string(f"{key}[{i}]", record=i < 3)
+                else:
+                    at += struct.calcsize(GGUF_CODES[item])
+        elif kind == 8:
+            string(key)
+        else:
+            field(GGUF_CODES[kind], f"value of {key}")
+    for _ in range(n_tensors):
+        name = string("a tensor name")
+        for d in range(field("I", f"dimension count of {name}")):
+            field("Q", f"dimension {d} of {name}")
+        field("I", f"type of {name}")
+        field("Q", f"offset of {name}")
+    return fields
+
+
+def hostile_number(code, old, rng):
+    """A hostile value for a header field of this struct code (old: its true value), as bytes."""
+    if code in "fd":
+        return struct.pack("<" + code, [math.nan, math.inf, -1.0, 0.0, 1e30, 1e-30][rng.integers(6)])
+    size = struct.calcsize(code)
+    values = [0, 1, 3, 5, 9, 13, 99, old - 1, old + 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**63, 2**64 - 1]
+    value = values[rng.integers(len(values))] % (1 << 8 * size)
+    return value.to_bytes(size, "little")
+
+
+def make_gguf_structure_case(seed, base, out):
+    """Copy the valid GGUF `base` with one number of its header replaced by a hostile one; returns a description."""
+    rng = np.random.default_rng(seed)
+    raw = bytearray(base.read_bytes())
+    at, code, what = (fields := gguf_fields(bytes(raw)))[rng.integers(len(fields))]
+    old = struct.unpack_from("<" + code, raw, at)[0]
+    new = hostile_number(code, int(old) if code not in "fd" else 0, rng)
+    raw[at:at + len(new)] = new
+    out.write_bytes(bytes(raw))
+    return f"{what} at byte {at}: {old!r} -> {struct.unpack('<' + code, new)[0]!r}"
+
+
+# ----------------------------------------------------------------------------- hostile chat templates
+
+GROW = ["ns.s + ns.s", "ns.s ~ ns.s", "[ns.s, ns.s] | join", "ns.s * 2", "ns.s.replace('a', ns.s)",
+        "'%s%s' % (ns.s, ns.s)", "ns.s | center(ns.s | length * 2)", "'{}{}'.format(ns.s, ns.s)",
+        "ns.s + [ns.s] if false else ns.s * 3", "(ns.s | list) | join('') * 2"]
+SIZES = ["3", "64", "100000", "10**9", "10**12"]
+EXPRESSIONS = ["'a' * N", "N ** N", "10 ** (N)", "range(N) | list | length", "lipsum(n=N) | length",
+               "('%0' ~ N ~ 'd') | format(1)", "'a'.ljust(N)", "' ' | indent(N)", "'x y' | wordwrap(N)",
+               "(range(100) | list) * N", "messages[0].content * N", "('{:>' ~ N ~ '}').format(1)",
+               "range(N) | sum", "(range(1000) | list | map('string') | join) | length * N"]
+
+
+def make_template(seed):
+    """A chat template built by seed from what makes templates grow or loop: a string doubled in a
+    loop, nested loops, one huge expression, deep recursion."""
+    rng = np.random.default_rng(seed)
+    pick = lambda options: options[rng.integers(len(options))]             # noqa: E731
+    shape = seed % 4
+    if shape == 0:
+        return ("{% set ns = namespace(s='ab') %}{% for i in range(" + pick(SIZES[:3]) + ") %}{% set ns.s = "
+                + pick(GROW) + " %}{% endfor %}{{ " + pick(["ns.s | length", "ns.s", "ns.s[:10]"]) + " }}")
+    if shape == 1:
+        depth, body = 1 + rng.integers(3), pick(["", "x", "{{ i }}", "{{ messages[0].content * 100 }}"])
+        loops = "".join("{% for i" + str(d) + " in range(" + pick(SIZES[:3]) + ") %}" for d in range(depth))
+        return loops + body.replace("i }}", "i0 }}") + "{% endfor %}" * depth
+    if shape == 2:
+        return "{{ " + pick(EXPRESSIONS).replace("N", pick(SIZES)) + " }}"
+    return ("{% macro f(n) %}{{ f(n + 1) if n < " + pick(SIZES) + " else n }}{{ 'x' * n }}{% endmacro %}"
+            "{{ f(0) | length }}")
+
+
 # ----------------------------------------------------------------------------- the test
 
 @pytest.fixture(scope="module")
@@ -210,28 +321,54 @@ def run_worker(cases):
     return {r["id"]: (r["outcome"], r["detail"]) for r in results}
 
 
-def test_fuzz_corrupted_checkpoints_and_ggufs(bases, tmp_path):
+def template_outcome(outcome, detail):
+    """What happened to a template, in a few words: rendered, stopped by which budget, failed how."""
+    if ": it " in detail:
+        return "stopped: " + " ".join(detail.split(": it ", 1)[1].split()[:3])
+    if " failed: " in detail:
+        return "failed: " + detail.split(" failed: ", 1)[1].split(":")[0]
+    return outcome if outcome == "rendered" else detail.split(".jinja ", 1)[-1][:30]
+
+
+def test_fuzz_corrupted_checkpoints_ggufs_and_templates(bases, tmp_path):
     cases, allowed = [], {}
+
+    def add(kind, case_id, **case):
+        cases.append({"id": case_id, **case})
+        allowed[case_id] = ALLOWED[kind]
+
     for k, kind in enumerate(KINDS):
         for s in range(SEEDS_PER_KIND):
             seed = 1000 * k + s
             base = bases[seed % len(bases)]
             out = tmp_path / f"{kind}-{seed}"
-            case_id = f"{kind} seed={seed} base={base.name}: {make_case(kind, seed, base, out)}"
-            cases.append({"id": case_id, "path": str(out)})
-            allowed[case_id] = ALLOWED["load"]
+            add("load", f"{kind} seed={seed} base={base.name}: {make_case(kind, seed, base, out)}", path=str(out))
     gguf = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(gguf, L=1, D=32, H=4, KV=2, F=64)
     for seed in range(SEEDS_PER_KIND):
         out = tmp_path / f"gguf-{seed}.gguf"
-        case_id = f"gguf seed={seed}: {make_gguf_case(seed, gguf, out)}"
-        cases.append({"id": case_id, "gguf": str(out), "path": str(tmp_path / f"gguf-{seed}")})
-        allowed[case_id] = ALLOWED["gguf"]
+        add("gguf", f"gguf seed={seed}: {make_gguf_case(seed, gguf, out)}", gguf=str(out),
+            path=str(tmp_path / f"gguf-{seed}"))
+    crafted = craft_gguf(tmp_path / "crafted.gguf", *llama_parts())
+    for seed in range(2 * SEEDS_PER_KIND):
+        out = tmp_path / f"gguf-header-{seed}.gguf"
+        add("gguf", f"gguf-header seed={seed}: {make_gguf_structure_case(seed, crafted, out)}", gguf=str(out),
+            path=str(tmp_path / f"gguf-header-{seed}"))
+    for seed in range(TEMPLATE_CASES):
+        template = make_template(seed)
+        add("template", f"template seed={seed}: {template}", template=template, seconds=TEMPLATE_SECONDS)
 
     outcomes = run_worker(cases)
-    counts = collections.Counter(outcome for outcome, _ in outcomes.values())
-    print(f"\n{len(cases)} fuzz cases: " + ", ".join(f"{o} {n}" for o, n in counts.most_common()))
+    counts = collections.Counter((c["id"].split(" ", 1)[0], o) for c, (o, _) in zip(cases, outcomes.values()))
+    templates = collections.Counter(template_outcome(o, d) for i, (o, d) in outcomes.items()
+                                    if i.startswith("template"))
+    print(f"\n{len(cases)} fuzz cases: " + ", ".join(f"{kind} {o} {n}" for (kind, o), n in sorted(counts.items())))
+    print("templates: " + ", ".join(f"{o} {n}" for o, n in templates.most_common()))
     failures = [f"{i}\n    -> {o}: {d}" for i, (o, d) in outcomes.items() if o not in allowed[i]]
     assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
-    assert counts["loaded"] > 0 and counts["WeightsError"] > 0 and counts["ConfigError"] > 0
-    assert counts["GGUFError"] > 0
+    kinds = {kind: collections.Counter() for kind, _ in counts}
+    for (kind, o), n in counts.items():
+        kinds[kind][o] += n
+    assert kinds["header-field"]["loaded"] > 0 and kinds["header-field"]["WeightsError"] > 0
+    assert kinds["config-field"]["ConfigError"] > 0 and kinds["gguf"]["GGUFError"] > 0
+    assert kinds["gguf-header"]["GGUFError"] > 0 and kinds["template"]["TokenizerError"] > 0

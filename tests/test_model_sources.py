@@ -21,8 +21,8 @@ def cache(tmp_path, monkeypatch):
     """An empty model cache, and a count of the GGUF conversions made into it."""
     monkeypatch.setenv("MINEE_CACHE", str(tmp_path / "cache"))
     calls = []
-    real = convert.gguf_to_hf
-    monkeypatch.setattr(convert, "gguf_to_hf", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = convert._convert
+    monkeypatch.setattr(convert, "_convert", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     return tmp_path / "cache", calls
 
 
