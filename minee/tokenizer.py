@@ -9,6 +9,7 @@ is refused, and within a budget of time, memory and output (limits.py), which th
 does not give. Whatever goes wrong in a template becomes one TokenizerError naming its file.
 """
 import functools
+import gc
 import json
 import sys
 import time
@@ -91,10 +92,9 @@ def render_chat_template(template, source, **variables) -> str:
     except TokenizerError:
         raise
     except _OverBudget as e:
-        raise TokenizerError(f"the chat template in {source} was stopped: it {e}") from None
+        stopped = str(e)
     except MemoryError:
-        raise TokenizerError(f"the chat template in {source} was stopped: it needed more than "
-                             f"{size_text(TEMPLATE_MEMORY)} of memory") from None
+        stopped = f"needed more than {size_text(TEMPLATE_MEMORY)} of memory"
     except jinja2.exceptions.SecurityError as e:
         raise TokenizerError(f"the chat template in {source} was stopped by the sandbox, where templates "
                              f"may only read the conversation: {e}") from None
@@ -103,6 +103,10 @@ def render_chat_template(template, source, **variables) -> str:
                              f"(template line {e.lineno})") from None
     except Exception as e:                 # the template is untrusted code: any error in it is its own
         raise TokenizerError(f"the chat template in {source} failed: {type(e).__name__}: {e}") from None
+    # What the stopped template built is held by reference cycles (its frames and their traceback):
+    # free it now, or the next rendering in this process would start that much higher.
+    gc.collect()
+    raise TokenizerError(f"the chat template in {source} was stopped: it {stopped}")
 
 
 class _OverBudget(BaseException):

@@ -939,3 +939,14 @@ def test_hugging_face_cache_snapshot_links_into_its_own_blobs(tiny, tmp_path):
     (snapshot / "chat_template.jinja").symlink_to(Path("..", "..", "..", "models--evil--x", "blobs", "t"))
     with pytest.raises(TokenizerError, match=f"outside the model's directory {repo.resolve()}"):
         minee.load(snapshot)
+
+
+def test_templates_stopped_one_after_another_do_not_add_up():
+    """What a stopped template built sits in reference cycles (its frames); unless freed at once, the
+    next rendering in the same process starts that much higher, and the memory budget compounds."""
+    doubling = BUDGET_TEMPLATES["doubling_by_join"][0]
+    r = capped(["-c", RENDER_ALL, json.dumps({f"doubling {i}": (doubling, ()) for i in range(10)})],
+               cap=3 << 30, timeout=120)
+    results = {name: outcome for name, outcome, _ in map(json.loads, r.stdout.splitlines())}
+    assert all(results[f"doubling {i}"].startswith("the chat template in T.jinja was stopped") for i in range(10))
+    assert results["peak RSS MB"] < 512, r.stderr[-2000:]
