@@ -12,19 +12,24 @@ GEMM_MIN_ROWS = 4       # from this many rows on, one GEMM beats a GEMV per row 
 
 
 def linear(x, weight, bias=None):
-    """x (..., in) @ weight.T, weight (out, in) as stored in the checkpoint -> (..., out).
+    """x (..., in) @ weight.T, weight (out, in) as stored in the checkpoint -> (..., out), C-ordered.
 
     Every leading position is a row (M of them). A matrix-vector product (GEMV) streams the weight
     once per row; one matrix-matrix product (GEMM) reads it once for all rows, but BLAS first
     copies it into cache-sized blocks, which costs about as much as streaming it two or three
     times more. So fewer than GEMM_MIN_ROWS rows run as one GEMV each, and more as one GEMM,
-    written weight @ rows.T: the faster form with few rows (measured per shape in bench/README.md).
+    written rows @ weight.T: its result is C-contiguous (M, out), so a reduction over `out` (the
+    vocabulary, for logits) walks contiguous memory, and OpenBLAS packs the weight in the blocks
+    that map its whole packing buffer. The other form, (weight @ rows.T).T, returns a strided
+    view and, up to OpenBLAS's block height of rows, packs only the rows; its kernels then
+    prefetch into buffer pages no call maps, which made it 2-3x slower on an AMD EPYC (issue 21;
+    measured per shape in bench/README.md).
     """
     if x.size < GEMM_MIN_ROWS * x.shape[-1]:                       # M < GEMM_MIN_ROWS
         y = (x[..., None, :] @ weight.T)[..., 0, :]                # (..., out): NumPy runs one GEMV per row
     else:
         rows = x.reshape(-1, x.shape[-1])                          # (M, in)
-        y = (weight @ rows.T).T.reshape(*x.shape[:-1], -1)         # one GEMM (M, out) -> (..., out)
+        y = (rows @ weight.T).reshape(*x.shape[:-1], -1)           # one GEMM (M, out) -> (..., out)
     return y if bias is None else y + bias
 
 
