@@ -10,8 +10,9 @@ the forms interleaved in one process measures each in the state the others left.
 kernel (OPENBLAS_CORETYPE) and form, a fresh interpreter with 1 BLAS thread times that form alone
 over every shape and M (median of --reps calls; the LM head gets fewer); the processes run in
 turn (A B C A B C ...) for --rounds rounds, and the report gives the median over rounds with the
-spread. The first call of each form in its process is reported too (cold: buffer pages mapped
-on first use). `*` marks what ops.linear runs. Progress on stderr, the report on stdout.
+spread. A fourth kind of process times (W @ x.T).T after one x @ W.T, which showed the state
+effect on an AMD EPYC. The first call of each form in its process is in the JSON too (cold).
+`*` marks what ops.linear runs. Progress on stderr, the report on stdout.
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ SHAPES = {"q_proj, o_proj 576x576": (576, 576), "k_proj, v_proj 192x576": (192, 
           "gate_proj, up_proj 1536x576": (1536, 576), "down_proj 576x1536": (576, 1536),
           "LM head 49152x576": (49152, 576)}
 FORMS = {"gemv_per_row": "GEMV per row", "gemm_x_WT": "GEMM x @ W.T", "gemm_W_xT": "GEMM (W @ x.T).T"}
+AFTER = "gemm_W_xT_after_x_WT"         # (W @ x.T).T in a process that ran one x @ W.T first (issue 21)
 
 
 def log(msg):
@@ -41,7 +43,7 @@ def form_fn(form, x, W):
         return lambda: x[:, None, :] @ W.T
     if form == "gemm_x_WT":
         return lambda: x @ W.T
-    return lambda: (W @ x.T).T
+    return lambda: (W @ x.T).T                               # gemm_W_xT and AFTER
 
 
 def worker(form, rows, reps):
@@ -51,6 +53,8 @@ def worker(form, rows, reps):
     rng = np.random.default_rng(0)
     out = {"blas": [f"{p['internal_api']} {p['version']} {p.get('architecture')}"
                     for p in threadpool_info() if p["user_api"] == "blas"], "times": {}}
+    if form == AFTER:
+        np.ones((128, 576), np.float32) @ np.ones((576, 576), np.float32).T
     for name, (o, i) in SHAPES.items():
         W = rng.standard_normal((o, i)).astype(np.float32)
         out["times"][name] = {}
@@ -102,7 +106,14 @@ def markdown(res):
                 cells.append(" / ".join(parts))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "Spread over rounds (max/min of the per-process medians), worst cell per form: "
-                  + ", ".join(f"{FORMS[f]} {k['worst_spread'][f]:.2f}" for f in FORMS), ""]
+                  + ", ".join(f"{FORMS[f]} {k['worst_spread'][f]:.2f}" for f in FORMS), "",
+                  "State: `(W @ x.T).T` alone / in a process that ran one `x @ W.T` first, per M "
+                  "(issue 21: on an AMD EPYC the first was 2-3x the second from 16 rows on):", ""]
+        for name in SHAPES:
+            alone, after = k["median"]["gemm_W_xT"][name], k["median"][AFTER][name]
+            lines.append(f"- {name}: " + ", ".join(f"M={M} {alone[M] / after[M]:.2f}"
+                                                   for M in map(str, res["rows"]) if M in after))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -112,7 +123,7 @@ def main(argv=None):
     p.add_argument("--rows", default="1,2,3,4,6,8,16,64,128", help="M values")
     p.add_argument("--rounds", type=int, default=3, help="processes per kernel and form, in turn")
     p.add_argument("--reps", type=int, default=40, help="calls per cell (the LM head: reps/8, at least 3)")
-    p.add_argument("--worker", choices=tuple(FORMS), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=(*FORMS, AFTER), help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     args = p.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
@@ -121,15 +132,15 @@ def main(argv=None):
         return
     res = {"rows": rows, "rounds": args.rounds, "reps": args.reps, "loadavg_start": os.getloadavg(),
            "kernels": {}}
-    runs = {(k, f): [] for k in args.kernels.split(",") for f in FORMS}
+    runs = {(k, f): [] for k in args.kernels.split(",") for f in (*FORMS, AFTER)}
     for r in range(args.rounds):
         for kernel in args.kernels.split(","):
-            for form in FORMS:
+            for form in (*FORMS, AFTER):
                 log(f"round {r + 1}/{args.rounds}: {kernel} {form} (load {os.getloadavg()[0]:.1f})")
                 runs[kernel, form].append(run_worker(kernel, form, args))
     for kernel in args.kernels.split(","):
         k = {"blas": runs[kernel, "gemm_x_WT"][0]["blas"], "median": {}, "first": {}, "worst_spread": {}}
-        for form in FORMS:
+        for form in (*FORMS, AFTER):
             rs = runs[kernel, form]
             k["median"][form], k["first"][form], spread = {}, {}, [1.0]
             for name in SHAPES:
