@@ -80,8 +80,8 @@ def run_worker(kernel, form, args):
 
 
 def rule_form(M):
-    from minee.ops import GEMM_MIN_ROWS
-    return "gemm_x_WT" if M >= GEMM_MIN_ROWS else "gemv_per_row"
+    from minee.ops import GEMM_MIN_ROWS, WIDE_MIN_ROWS
+    return "gemv_per_row" if M < GEMM_MIN_ROWS else "gemm_W_xT" if M < WIDE_MIN_ROWS else "gemm_x_WT"
 
 
 def fmt(us):
@@ -108,7 +108,7 @@ def markdown(res):
         lines += ["", "Spread over rounds (max/min of the per-process medians), worst cell per form: "
                   + ", ".join(f"{FORMS[f]} {k['worst_spread'][f]:.2f}" for f in FORMS), "",
                   "State: `(W @ x.T).T` alone / in a process that ran one `x @ W.T` first, per M "
-                  "(issue 21: on an AMD EPYC the first was 2-3x the second from 16 rows on):", ""]
+                  "(issue 21: 2.9x with 128 rows on an AMD EPYC VM):", ""]
         for name in SHAPES:
             alone, after = k["median"]["gemm_W_xT"][name], k["median"][AFTER][name]
             lines.append(f"- {name}: " + ", ".join(f"M={M} {alone[M] / after[M]:.2f}"
