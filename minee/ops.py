@@ -13,27 +13,25 @@ WIDE_MIN_ROWS = 128     # from this many rows on, the GEMM is written rows @ wei
 
 
 def linear(x, weight, bias=None):
-    """x (..., in) @ weight.T, weight (out, in) as stored in the checkpoint -> (..., out), C-ordered.
+    """x (..., in) @ weight.T, weight (out, in) as stored in the checkpoint -> (..., out).
 
     Every leading position is a row (M of them). A matrix-vector product (GEMV) streams the weight
     once per row; one matrix-matrix product (GEMM) reads it once for all rows, but BLAS first
     copies it into cache-sized blocks, which costs about as much as streaming it two or three
     times more. So fewer than GEMM_MIN_ROWS rows run as one GEMV each, and more as one GEMM.
-    Up to WIDE_MIN_ROWS rows the GEMM is written weight @ rows.T, 1.2-1.8x faster there (OpenBLAS
-    then packs the weight a few KB at a time, in L1), and its transposed result is copied to C
-    order (a few % of the product); from WIDE_MIN_ROWS rows on, rows @ weight.T, as fast there,
-    which gives C order itself. One layout for every M: reductions over `out` (the vocabulary)
-    walk contiguous memory and round alike whatever the number of rows. Measured per shape in
+    Up to WIDE_MIN_ROWS rows it is written weight @ rows.T, 1.2-1.8x faster there (OpenBLAS then
+    packs the weight a few KB at a time, in L1), and returns a transposed view; from WIDE_MIN_ROWS
+    rows on (prefill, the lens), rows @ weight.T, as fast there, whose C-contiguous result lets a
+    reduction over `out` (the vocabulary) walk contiguous memory. Measured per shape in
     bench/README.md; minee.load maps the buffer the first form prefetches into (threads.py).
     """
     rows = x.reshape(-1, x.shape[-1])                              # (M, in)
     if len(rows) < GEMM_MIN_ROWS:
         y = (x[..., None, :] @ weight.T)[..., 0, :]                # (..., out): NumPy runs one GEMV per row
     elif len(rows) < WIDE_MIN_ROWS:
-        y = np.ascontiguousarray((weight @ rows.T).T)              # one GEMM (out, M) -> (M, out)
-        y = y.reshape(*x.shape[:-1], -1)                           # (..., out)
+        y = (weight @ rows.T).T.reshape(*x.shape[:-1], -1)         # one GEMM (M, out), a transposed view
     else:
-        y = (rows @ weight.T).reshape(*x.shape[:-1], -1)           # one GEMM (M, out) -> (..., out)
+        y = (rows @ weight.T).reshape(*x.shape[:-1], -1)           # one GEMM (M, out), C-contiguous
     return y if bias is None else y + bias
 
 
