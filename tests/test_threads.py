@@ -68,7 +68,7 @@ before = mapped_kb()
 rng = np.random.default_rng(0)
 for out, k in ((576, 576), (192, 576), (1536, 576), (576, 1536)):       # SmolLM2's weight shapes
     w = rng.standard_normal((out, k)).astype(np.float32)
-    for m in (ops.GEMM_MIN_ROWS, 16, 64, ops.WIDE_MIN_ROWS - 1):
+    for m in (ops.GEMM_MIN_ROWS, 16, 64, 128, 320):                  # up to OpenBLAS's block height
         ops.linear(rng.standard_normal((m, k)).astype(np.float32), w)
 print(json.dumps([before, mapped_kb()]))
 """
@@ -83,8 +83,8 @@ def mapped_kb_before_after(kernel, mode):
 
 @pytest.mark.parametrize("kernel", ["SkylakeX", "Haswell"])
 def test_after_the_warm_up_small_gemms_map_no_new_page_of_the_blas_buffer(kernel):
-    """Issue 21: with 4 to WIDE_MIN_ROWS - 1 rows, ops.linear's GEMM only ever writes a few pages
-    of OpenBLAS's buffer and its kernels prefetch past them; threads.map_gemm_buffer (run by
+    """Issue 21: with 4 rows up to OpenBLAS's block height (320-448), ops.linear's GEMM only ever
+    writes a few pages of OpenBLAS's buffer and its kernels prefetch past them; threads.map_gemm_buffer (run by
     minee.load) must map all of them first. In a fresh process (1 thread, the kernel OpenBLAS
     picks on AVX-512 and on AVX2 CPUs): after it, those products map no new page of the buffer;
     without it, they do (the check can fail)."""
