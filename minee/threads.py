@@ -53,9 +53,11 @@ def map_gemm_buffer():
     weight @ rows.T by packing the rows into the start of its 32 MB buffer and the weight, 12
     columns at a time, into the same 14 KB further on: those few pages are all such products ever
     write. Its kernels prefetch past both, into pages that stay unmapped, ~100,000 times per
-    product. On an AMD EPYC VM that made them 2-3x slower for the life of the process (issue 21;
-    free on Intel). This product packs whole 448 x 448 blocks of a 1024 x 1024 weight and 64 x 448
-    floats of rows, writing every page those prefetches reach (bench/README.md); ~2 ms.
+    product. On an AMD EPYC VM such products ran 2-3x slower until another product had mapped
+    those pages (issue 21; that the prefetches are the cost there is inferred, not measured; on
+    Intel they are free). This product packs whole 448 x 448 blocks of a 1024 x 1024 weight and
+    64 x 448 floats of rows, writing every page those prefetches reach (bench/README.md). It took
+    0.1 s in a fresh process on the project's VM, mostly mapping fresh memory.
     """
     global _buffer_mapped
     if not _buffer_mapped:
