@@ -45,15 +45,12 @@ sys.path.insert(0, str(HERE))
 import minee                                                                      # noqa: E402
 from minee.batch import decode                                                   # noqa: E402
 from minee.exits import ExitDecoder                                              # noqa: E402
-from minee.ops import GEMM_MIN_ROWS                                              # noqa: E402
 from decode import BW_MB, busy_cores, loadavg, machine_report, sgemv_read, weight_bytes   # noqa: E402
+from linear import FORMS, SHAPES, form_fn, rule_form                              # noqa: E402
 
 README_GATE = "confidence:0.85,min_point=41,attn_points=0,check_every=2"   # the example in README.md
 NO_HEAD_GATE = "cosine:0.99,min_point=30"      # needs no LM head to decide; rows exit at different points
 QUEUE_BATCH = 16
-SHAPES = {"q_proj, o_proj 576x576": (576, 576), "k_proj, v_proj 192x576": (192, 576),
-          "gate_proj, up_proj 1536x576": (1536, 576), "down_proj 576x1536": (576, 1536),
-          "LM head 49152x576": (49152, 576)}
 
 
 def log(msg):
@@ -72,15 +69,16 @@ def blas_kernel():
 # ----------------------------------------------------------------------------- 1. linear per shape
 
 def linear_table(rows_list, reps):
-    """Median microseconds of the three forms of x (M, in) @ W.T for every shape and M."""
+    """Median microseconds of the three forms of x (M, in) @ W.T for every shape and M, interleaved
+    in this process (so each runs in the state the others left; bench/linear.py times each form in
+    processes of its own)."""
     rng = np.random.default_rng(0)
     out = []
     for name, (o, i) in SHAPES.items():
         W = rng.standard_normal((o, i)).astype(np.float32)
         for M in rows_list:
             x = rng.standard_normal((M, i)).astype(np.float32)
-            forms = {"gemv_per_row": lambda: x[:, None, :] @ W.T, "gemm_x_WT": lambda: x @ W.T,
-                     "gemm_W_xT": lambda: (W @ x.T).T}
+            forms = {form: form_fn(form, x, W) for form in FORMS}
             n = max(2, reps // 8) if o > 10000 else reps
             times = {k: [] for k in forms}
             for _ in range(n):                                       # forms interleaved
@@ -89,7 +87,7 @@ def linear_table(rows_list, reps):
                     fn()
                     times[k].append(time.perf_counter() - t0)
             row = {"shape": name, "M": M, **{k: 1e6 * median(v) for k, v in times.items()},
-                   "rule": "gemm_W_xT" if M >= GEMM_MIN_ROWS else "gemv_per_row"}
+                   "rule": rule_form(M)}
             row["best"] = min(forms, key=lambda k: row[k])
             out.append(row)
     return out

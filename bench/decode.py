@@ -1,7 +1,7 @@
 """Prefill and decode speed of minee against transformers (torch, CPU, float32) on the same model.
 
     python bench/decode.py [--threads 1] [--prompt-len 128] [--new-tokens 64] [--repeats 5]
-                           [--model smollm2-135m] [--hf-attn sdpa] [--budget 150] [--json]
+                           [--cold-repeats 3] [--model smollm2-135m] [--hf-attn sdpa] [--budget 150] [--json]
 
 What it does, in one process so machine noise hits both engines alike:
   1. pins thread counts: threadpoolctl.threadpool_limits(n) for NumPy's BLAS (and any OpenMP
@@ -20,6 +20,12 @@ What it does, in one process so machine noise hits both engines alike:
      timed by calling model.attn_sublayer / model.mlp_sublayer / model.unembed on a decode step;
      the rest is a forward with those stubbed out (minee itself is never modified).
   6. sanity check: both engines' greedy tokens must agree (text prompt and the random prompt).
+  7. cold prefill: a new interpreter per measurement loads one engine (untimed; minee's without
+     importing torch, as `python -m minee generate` runs) and times its first prefill of the same
+     prompt, then a second one; minee, transformers, minee, ... (--cold-repeats each), medians.
+     A process's first products can cost more than later ones (OpenBLAS maps its packing buffer
+     on first use; issue 21), and every CLI call is a fresh process.
+  The BLAS library, version and CPU kernel each process ran (threadpoolctl) are in the report.
 
 Progress goes to stderr; the report (markdown, or JSON with --json) to stdout.
 """
@@ -114,27 +120,42 @@ def loadavg():
 
 # ----------------------------------------------------------------------------- loading
 
-def load_models(src, hf_attn):
+def load_hf(model_dir, hf_attn):
+    """transformers' model from the .gguf in model_dir (as the tests load it), else its HF files."""
     import torch
     from transformers import AutoModelForCausalLM
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    kwargs = dict(dtype=torch.float32, attn_implementation=hf_attn)
+    if ggufs:
+        kwargs["gguf_file"] = ggufs[0].name
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).eval()
+    assert next(hf.parameters()).dtype == torch.float32
+    return hf, ggufs[0].name if ggufs else "safetensors"
 
+
+def load_models(src, hf_attn):
     import minee
     model_dir = minee.resolve(src)
     t = time.perf_counter()
     mm = minee.load(model_dir)
     minee_load_s = time.perf_counter() - t
-    ggufs = sorted(model_dir.glob("*.gguf"))
-    kwargs = dict(dtype=torch.float32, attn_implementation=hf_attn)
-    if ggufs:
-        kwargs["gguf_file"] = ggufs[0].name
     t = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).eval()
+    hf, hf_from = load_hf(model_dir, hf_attn)
     hf_load_s = time.perf_counter() - t
-    assert next(hf.parameters()).dtype == torch.float32
-    source = {"dir": str(model_dir), "transformers_from": ggufs[0].name if ggufs else "safetensors",
+    source = {"dir": str(model_dir), "transformers_from": hf_from,
               "minee_load_s": minee_load_s, "transformers_load_s": hf_load_s,
               "transformers_attn_implementation": hf.config._attn_implementation}
     return mm, hf, source
+
+
+def prompt_ids(vocab_size, args):
+    return np.random.default_rng(args.seed).integers(0, vocab_size, size=args.prompt_len).astype(np.int64)
+
+
+def blas_kernels(threadpool_info):
+    """'openblas 0.3.31 Haswell x1': each BLAS library threadpoolctl finds, its version, CPU kernel, threads."""
+    return ", ".join(f"{p['internal_api']} {p['version']} {p.get('architecture')} x{p['num_threads']}"
+                     for p in threadpool_info() if p["user_api"] == "blas") or "none found"
 
 
 # ----------------------------------------------------------------------------- one timed run each
@@ -180,6 +201,46 @@ def run_hf(model, ids, n_new):
             steps.append(time.perf_counter() - t0)
             tokens.append(tok)
     return {"prefill_s": prefill, "step_s": steps, "tokens": tokens, "last_prefill_logits": logits}
+
+
+def cold_worker(engine, args):
+    """In this fresh interpreter: load one engine (untimed), time its first prefill, then a second."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import minee
+    model_dir = minee.resolve(args.model)
+    if engine == "minee":                                   # no torch in this process, as in minee's CLI
+        minee.set_threads(args.threads)
+        model = minee.load(model_dir)
+        ids, run = prompt_ids(model.config.vocab_size, args), run_minee
+    else:
+        import torch
+        threadpool_limits(args.threads)
+        torch.set_num_threads(args.threads)
+        model = load_hf(model_dir, args.hf_attn)[0]
+        ids, run = prompt_ids(model.config.vocab_size, args), run_hf
+    first = run(model, ids, 0)["prefill_s"]
+    second = run(model, ids, 0)["prefill_s"]
+    blas = (blas_kernels(threadpool_info) if engine == "minee"
+            else f"torch {blas_report(threadpool_info)['torch_blas']} x{args.threads}")
+    return {"first_s": first, "second_s": second, "blas": blas}
+
+
+def run_cold(engine, args):
+    cmd = [sys.executable, __file__, "--cold-worker", engine, "--model", args.model, "--threads",
+           str(args.threads), "--prompt-len", str(args.prompt_len), "--seed", str(args.seed),
+           "--hf-attn", args.hf_attn]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise SystemExit(f"cold {engine} run failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def summarize_cold(runs, prompt_len):
+    return {"prefill_tok_s": prompt_len / median([r["first_s"] for r in runs]),
+            "second_prefill_tok_s": prompt_len / median([r["second_s"] for r in runs]),
+            "first_s": [r["first_s"] for r in runs], "second_s": [r["second_s"] for r in runs],
+            "blas": sorted({r["blas"] for r in runs})}
 
 
 def summarize(runs, prompt_len):
@@ -375,6 +436,19 @@ def _fmt(x):
     return "?" if x is None else f"{x:.1f}"
 
 
+def cold_rows(r):
+    if "cold" not in r:
+        return []
+    m, h = r["cold"]["minee"], r["cold"]["transformers"]
+    return [f"| prefill tokens/s, cold (first forward of a fresh process; {len(m['first_s'])} each) | "
+            f"{m['prefill_tok_s']:.1f} | {h['prefill_tok_s']:.1f} | {r['ratios']['cold_prefill']:.2f} |",
+            f"| prefill tokens/s, second forward of those processes | {m['second_prefill_tok_s']:.1f} | "
+            f"{h['second_prefill_tok_s']:.1f} | "
+            f"{m['second_prefill_tok_s'] / h['second_prefill_tok_s']:.2f} |",
+            f"| minee prefill, warm / cold | {r['minee']['prefill_tok_s'] / m['prefill_tok_s']:.2f} | | |",
+            f"| BLAS in the cold processes | {', '.join(m['blas'])} | {', '.join(h['blas'])} | |"]
+
+
 def markdown(r):
     a, s = r["args"], r["settings"]
     m, h = r["minee"], r["transformers"]
@@ -394,8 +468,9 @@ def markdown(r):
              "",
              "| | minee | transformers | minee / transformers |",
              "|---|---:|---:|---:|",
-             f"| prefill tokens/s | {m['prefill_tok_s']:.1f} | {h['prefill_tok_s']:.1f} | "
+             f"| prefill tokens/s, warm | {m['prefill_tok_s']:.1f} | {h['prefill_tok_s']:.1f} | "
              f"{m['prefill_tok_s'] / h['prefill_tok_s']:.2f} |",
+             *cold_rows(r),
              f"| decode tokens/s | {m['decode_tok_s']:.1f} | {h['decode_tok_s']:.1f} | "
              f"{m['decode_tok_s'] / h['decode_tok_s']:.2f} |",
              f"| decode ms/token | {m['decode_ms_per_token']:.2f} | {h['decode_ms_per_token']:.2f} | "
@@ -472,8 +547,13 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=150.0,
                    help="stop starting new repeats after this many seconds of timed runs, and cut the "
                         "breakdown short 30 s later (default 150; keeps a run under ~5 min on a busy machine)")
+    p.add_argument("--cold-repeats", type=int, default=3,
+                   help="fresh processes per engine timing their first prefill (default 3; 0: none)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    p.add_argument("--cold-worker", choices=("minee", "transformers"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cold_repeats < 0:
+        p.error("--cold-repeats must be >= 0")
     for k in ("threads", "prompt_len", "new_tokens", "repeats", "breakdown_reps"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -482,6 +562,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cold_worker:
+        print(json.dumps(cold_worker(args.cold_worker, args)))
+        return 0
     import torch
     import transformers
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -509,8 +592,7 @@ def main(argv=None):
     max_pos = min(c.max_position_embeddings, hf.config.max_position_embeddings)
     if args.prompt_len + args.new_tokens + 1 > max_pos:
         raise SystemExit(f"prompt-len + new-tokens exceeds the model's {max_pos} positions")
-    rng = np.random.default_rng(args.seed)
-    ids = rng.integers(0, c.vocab_size, size=args.prompt_len).astype(np.int64)
+    ids = prompt_ids(c.vocab_size, args)
 
     log("bandwidth (before) ...")
     bw = Bandwidth(args.threads)
@@ -537,6 +619,12 @@ def main(argv=None):
             f"{args.prompt_len / m['prefill_s']:.0f}, transformers {args.prompt_len / h['prefill_s']:.0f} tok/s "
             f"(loadavg {loadavg()})")
         bw.measure(reps=2, only=("sgemv_read", "torch_mv_read"))   # bandwidth under the same noise
+
+    cold = {"minee": [], "transformers": []}
+    for r in range(args.cold_repeats):
+        for engine in cold:
+            log(f"cold prefill {r + 1}/{args.cold_repeats}: {engine} in a fresh process ...")
+            cold[engine].append(run_cold(engine, args))
 
     log("minee decode breakdown ...")
     bd, position = breakdown(mm, np.concatenate([ids, runs["minee"][0]["tokens"][:args.new_tokens // 2]]),
@@ -578,6 +666,10 @@ def main(argv=None):
             runs["minee"][0]["last_prefill_logits"] - runs["transformers"][0]["last_prefill_logits"])))}
     result["ratios"] = {"prefill": result["minee"]["prefill_tok_s"] / result["transformers"]["prefill_tok_s"],
                         "decode": result["minee"]["decode_tok_s"] / result["transformers"]["decode_tok_s"]}
+    if args.cold_repeats:
+        result["cold"] = {name: summarize_cold(cold[name], args.prompt_len) for name in cold}
+        result["ratios"]["cold_prefill"] = (result["cold"]["minee"]["prefill_tok_s"]
+                                            / result["cold"]["transformers"]["prefill_tok_s"])
     result["loadavg_start"], result["loadavg_end"] = load_start, loadavg()
     result["busy_cores_start"], result["busy_cores_end"] = busy_start, busy_cores()
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from .config import load_config
 from .model import Model
-from .threads import ensure_threads
+from .threads import ensure_threads, map_gemm_buffer
 from .tokenizer import load_tokenizer
 from .weights import load_weights
 
@@ -34,9 +34,10 @@ def load(src, progress=True) -> Model:
     GGUF file (converted into the cache on first use, see convert.converted_gguf) or a known name.
 
     Also sets NumPy's BLAS to MINEE_THREADS threads (default 1) unless minee.set_threads was
-    called before: see minee/threads.py for why.
+    called before, and maps OpenBLAS's packing buffer: see minee/threads.py for why.
     """
     ensure_threads()
+    map_gemm_buffer()
     path = resolve(src, progress)
     config = load_config(path)
     tokenizer = load_tokenizer(path)           # before the weights, whose memory check then counts it

@@ -9,6 +9,7 @@ import numpy as np
 
 
 GEMM_MIN_ROWS = 4       # from this many rows on, one GEMM beats a GEMV per row (bench/README.md)
+WIDE_MIN_ROWS = 512     # from this many rows on, the GEMM is written rows @ weight.T (C-contiguous)
 
 
 def linear(x, weight, bias=None):
@@ -17,14 +18,21 @@ def linear(x, weight, bias=None):
     Every leading position is a row (M of them). A matrix-vector product (GEMV) streams the weight
     once per row; one matrix-matrix product (GEMM) reads it once for all rows, but BLAS first
     copies it into cache-sized blocks, which costs about as much as streaming it two or three
-    times more. So fewer than GEMM_MIN_ROWS rows run as one GEMV each, and more as one GEMM,
-    written weight @ rows.T: the faster form with few rows (measured per shape in bench/README.md).
+    times more. So fewer than GEMM_MIN_ROWS rows run as one GEMV each, and more as one GEMM.
+    Below WIDE_MIN_ROWS rows it is written weight @ rows.T, 1.2-1.8x faster for 4-64 rows and up
+    to ~1.1x for 128 (OpenBLAS then packs the weight a few KB at a time, in L1), and returns a
+    transposed view; from WIDE_MIN_ROWS rows on (long prefills, the lens), past OpenBLAS's block
+    height, rows @ weight.T, whose C-contiguous result lets a reduction over `out` (the
+    vocabulary) walk contiguous memory. Measured per shape in bench/README.md; minee.load maps
+    the buffer the first form prefetches into (threads.py).
     """
-    if x.size < GEMM_MIN_ROWS * x.shape[-1]:                       # M < GEMM_MIN_ROWS
+    rows = x.reshape(-1, x.shape[-1])                              # (M, in)
+    if len(rows) < GEMM_MIN_ROWS:
         y = (x[..., None, :] @ weight.T)[..., 0, :]                # (..., out): NumPy runs one GEMV per row
+    elif len(rows) < WIDE_MIN_ROWS:
+        y = (weight @ rows.T).T.reshape(*x.shape[:-1], -1)         # one GEMM (M, out), a transposed view
     else:
-        rows = x.reshape(-1, x.shape[-1])                          # (M, in)
-        y = (weight @ rows.T).T.reshape(*x.shape[:-1], -1)         # one GEMM (M, out) -> (..., out)
+        y = (rows @ weight.T).reshape(*x.shape[:-1], -1)           # one GEMM (M, out), C-contiguous
     return y if bias is None else y + bias
 
 

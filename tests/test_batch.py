@@ -13,7 +13,7 @@ from minee.__main__ import main
 from minee.cache import consecutive
 from minee.exits import FEATURES, ExitDecoder, Gate, cosine, logit_features
 from minee.lens import log_softmax
-from minee.ops import GEMM_MIN_ROWS, linear
+from minee.ops import GEMM_MIN_ROWS, WIDE_MIN_ROWS, linear
 from helpers import word_level_model, words
 
 
@@ -300,7 +300,7 @@ def test_queue_progress_bar(model, capsys):
 # ------------------------------------------------------------------ linear and the cache view
 
 @pytest.mark.parametrize("shape", [(1, 1, 48), (2, 1, 48), (3, 1, 48), (GEMM_MIN_ROWS, 1, 48), (9, 1, 48),
-                                   (1, 7, 48), (2, 5, 48), (48,)])
+                                   (1, 7, 48), (2, 5, 48), (48,), (WIDE_MIN_ROWS - 1, 48), (WIDE_MIN_ROWS, 48)])
 def test_linear_equals_matmul_for_every_number_of_rows(shape):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -310,6 +310,25 @@ def test_linear_equals_matmul_for_every_number_of_rows(shape):
     got = linear(x, w, b)
     assert got.shape == shape[:-1] + (30,) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [(GEMM_MIN_ROWS, 576), (WIDE_MIN_ROWS - 1, 576), (WIDE_MIN_ROWS, 576),
+                                   (2, WIDE_MIN_ROWS // 2, 576), (600, 576)])
+def test_linear_with_many_rows_is_c_contiguous_and_equals_the_transposed_form(shape):
+    """From WIDE_MIN_ROWS rows on, one GEMM written rows @ W.T: a C-contiguous (..., out) result, so
+    that reductions over `out` (the vocabulary) walk contiguous memory (issues 19, 21); with any
+    number of rows, equal to the (W @ rows.T).T form every GEMM used before up to float32 rounding.
+    Tolerance: a float32 dot product of 576 terms errs by at most ~576 * 6e-8 = 3.5e-5 of the sum
+    of |terms|, typically sqrt(576) times less; 1e-5 of the largest output is well above that and
+    far below any real difference."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((1536, 576)).astype(np.float32)
+    got = linear(x, w)
+    before = (w @ x.reshape(-1, 576).T).T.reshape(*shape[:-1], 1536)
+    assert got.shape == shape[:-1] + (1536,) and got.dtype == np.float32
+    assert got.flags.c_contiguous == (x.size >= WIDE_MIN_ROWS * 576)
+    np.testing.assert_allclose(got, before, rtol=0, atol=1e-5 * np.abs(before).max())
 
 
 def test_cache_view_of_consecutive_rows_is_a_view():
