@@ -23,6 +23,8 @@ What it does, in one process so machine noise hits both engines alike:
   7. cold prefill: a new interpreter per measurement loads one engine (untimed; minee's without
      importing torch, as `python -m minee generate` runs) and times its first prefill of the same
      prompt, then a second one; minee, transformers, minee, ... (--cold-repeats each), medians.
+     minee's processes also report the peak memory loading took (VmHWM over the resident size
+     before), in float32 model sizes.
      A process's first products can cost more than later ones (OpenBLAS maps its packing buffer
      on first use; issue 21), and every CLI call is a fresh process.
   The BLAS library, version and CPU kernel each process ran (threadpoolctl) are in the report.
@@ -209,9 +211,13 @@ def cold_worker(engine, args):
 
     import minee
     model_dir = minee.resolve(args.model)
+    load_peak = None
     if engine == "minee":                                   # no torch in this process, as in minee's CLI
         minee.set_threads(args.threads)
+        before = status_kb("VmRSS:")
         model = minee.load(model_dir)
+        fp32 = sum(a.nbytes for a in model.params.values())
+        load_peak = (status_kb("VmHWM:") - before) * 1024 / fp32    # what loading held, in float32 model sizes
         ids, run = prompt_ids(model.config.vocab_size, args), run_minee
     else:
         import torch
@@ -223,7 +229,12 @@ def cold_worker(engine, args):
     second = run(model, ids, 0)["prefill_s"]
     blas = (blas_kernels(threadpool_info) if engine == "minee"
             else f"torch {blas_report(threadpool_info)['torch_blas']} x{args.threads}")
-    return {"first_s": first, "second_s": second, "blas": blas}
+    return {"first_s": first, "second_s": second, "blas": blas, "load_peak": load_peak}
+
+
+def status_kb(key):
+    """A /proc/self/status figure in kB (VmRSS: resident now, VmHWM: the peak so far)."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
 
 
 def run_cold(engine, args):
@@ -240,7 +251,8 @@ def summarize_cold(runs, prompt_len):
     return {"prefill_tok_s": prompt_len / median([r["first_s"] for r in runs]),
             "second_prefill_tok_s": prompt_len / median([r["second_s"] for r in runs]),
             "first_s": [r["first_s"] for r in runs], "second_s": [r["second_s"] for r in runs],
-            "blas": sorted({r["blas"] for r in runs})}
+            "blas": sorted({r["blas"] for r in runs}),
+            "load_peak": max((r["load_peak"] for r in runs if r["load_peak"] is not None), default=None)}
 
 
 def summarize(runs, prompt_len):
@@ -446,7 +458,9 @@ def cold_rows(r):
             f"{h['second_prefill_tok_s']:.1f} | "
             f"{m['second_prefill_tok_s'] / h['second_prefill_tok_s']:.2f} |",
             f"| minee prefill, warm / cold | {r['minee']['prefill_tok_s'] / m['prefill_tok_s']:.2f} | | |",
-            f"| BLAS in the cold processes | {', '.join(m['blas'])} | {', '.join(h['blas'])} | |"]
+            f"| BLAS in the cold processes | {', '.join(m['blas'])} | {', '.join(h['blas'])} | |",
+            f"| minee's peak memory while loading, in float32 model sizes (max of the cold processes) | "
+            f"{m['load_peak']:.2f} | | |"]
 
 
 def markdown(r):
