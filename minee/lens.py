@@ -11,11 +11,116 @@ import numpy as np
 from .hooks import exit_point_names, point_label
 
 METRICS = ("entropy", "kl", "final_prob", "final_rank", "agree", "accuracy")   # the keys of lens_metrics
+LOGITS_BUDGET = 512 << 20     # bytes of float32 lens logits decoded at once (one LM-head GEMM)
+GROUP_BYTES = 256 << 10       # bytes of logits the statistics work on at a time (one SmolLM2 row): they stay in cache
+LOG_TINY = -87.0               # exp(-87) = 1.6e-38: just above float32's smallest normal number (1.2e-38)
 
 
 def log_softmax(logits):
     z = logits - logits.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def logit_stats(logits, final=None, rank=False):
+    """Statistics of the distributions p = softmax(z) of logits z (..., V), name -> (...):
+
+      top1        argmax z (the first one if tied)
+      zmax        max z; with logsum = log S, S = sum exp(z - zmax): log p = (z - zmax) - logsum
+      logsum
+      confidence  p[top1] = 1 / S
+      margin      p[top1] minus the second largest probability
+      entropy     -sum p log p = logsum - sum p (z - zmax)                       (nats)
+
+    and, given `final` (final_distribution of the final logits (T, V); logits (..., T, V)), the
+    comparison of each row with the final distribution q at its position:
+
+      kl          KL(q || p) = sum q log q - sum q (z - zmax) + logsum           (nats)
+      final_prob  p at the final top-1 token
+      final_rank  (rank=True) how many tokens are strictly more likely than it: 0 = top
+
+    Every statistic is a maximum or a sum over the vocabulary, so a few passes give them all. They
+    run on a few rows at a time (GROUP_BYTES), which stay in the CPU's cache: only the first pass
+    reads the logits from memory. Sums are NumPy's pairwise float32 sums. Probabilities below
+    exp(LOG_TINY) = 1.6e-38 count as that (float32's denormal numbers below 1.2e-38 are 10x slower
+    to compute with); this changes no statistic beyond its rounding. Logits of any memory
+    layout give the same numbers (the others are first copied in C order, see c_ordered).
+    """
+    logits = c_ordered(np.asarray(logits, np.float32))
+    z = logits.reshape(-1, *logits.shape[-2:]) if final is not None else logits.reshape(1, -1, logits.shape[-1])
+    A, T, V = z.shape                                                        # A rows at each of T positions
+    names = SUMS + (FINAL_SUMS + ("final_rank",) * rank if final is not None else ())
+    sums = {k: np.empty((A, T), np.int64 if k in ("top1", "final_rank") else np.float32) for k in names}
+    g = max(1, min(T, GROUP_BYTES // (V * 4)))                               # rows per group
+    shifted, e = np.empty((g, V), np.float32), np.empty((g, V), np.float32)  # scratch, cache-sized
+    for t in range(0, T, g):                      # the final distribution at these positions stays cached
+        n = min(g, T - t)
+        q, ft = (None, None) if final is None else (final["q"][t:t + n], final["top1"][t:t + n])
+        for a in range(A):
+            for k, v in zip(names, _vocabulary_sums(z[a, t:t + n], shifted[:n], e[:n], q, ft, rank)):
+                sums[k][a, t:t + n] = v
+    S = sums["S"]                                                            # (A, T) each
+    logsum = np.log(S)
+    s = {"top1": sums["top1"], "zmax": sums["zmax"], "logsum": logsum, "confidence": 1 / S,
+         "margin": (1 - np.exp(sums["second"])) / S, "entropy": logsum - sums["sum_ez"] / S}
+    if final is not None:
+        s["kl"] = final["q_log_q"] - sums["sum_qz"] + logsum
+        s["final_prob"] = sums["e_final"] / S
+        if rank:
+            s["final_rank"] = sums["final_rank"]
+    return {name: v.reshape(logits.shape[:-1]) for name, v in s.items()}
+
+
+SUMS = ("top1", "zmax", "second", "S", "sum_ez")      # what _vocabulary_sums returns, in order
+FINAL_SUMS = ("sum_qz", "e_final")                    # and with a final distribution (then final_rank)
+
+
+def _vocabulary_sums(z, shifted, e, q, final_top1, rank):
+    """For rows z (n, V) at n consecutive positions, computed in the scratch arrays shifted and
+    e (n, V): top1, zmax, the second largest z - zmax, S = sum e with e = exp(z - zmax), sum e (z - zmax)
+    and, given the final distribution q (n, V) there and its top-1 ids, sum q (z - zmax), e at the
+    final top-1 and (rank) how many z are larger than there."""
+    rows = np.arange(len(z))
+    top1 = z.argmax(-1)                                                      # (n,) the first maximum: reads z from memory
+    zmax = z[rows, top1]
+    np.subtract(z, zmax[:, None], out=shifted)                               # z - zmax <= 0, in cache from here on
+    shifted[rows, top1] = -np.inf
+    second = shifted.max(-1)                                                 # (n,)
+    shifted[rows, top1] = 0.0
+    if q is not None:
+        sum_qz = np.multiply(shifted, q, out=e).sum(-1)                      # (n,) NumPy's pairwise sums
+        larger = (shifted > shifted[rows, final_top1][:, None]).sum(-1) if rank else None
+    np.exp(np.maximum(shifted, LOG_TINY, out=e), out=e)                     # (n, V) e, no denormal
+    S = e.sum(-1)
+    sum_ez = np.multiply(shifted, e, out=shifted).sum(-1)
+    if q is None:
+        return top1, zmax, second, S, sum_ez
+    return (top1, zmax, second, S, sum_ez, sum_qz, e[rows, final_top1]) + ((larger,) if rank else ())
+
+
+def c_ordered(x, slab=256):
+    """x (..., V) itself if it is C-ordered, else a C-ordered copy. A V-strided array, such as the
+    GEMM output (W @ rows.T).T, holds each row's values a whole row of W apart: a plain copy (or
+    any pass along V) reads one float per cache line. Copied `slab` columns at a time, what it
+    reads stays in the CPU's cache (12x faster measured for a 2560 x 49,152 block)."""
+    if x.flags.c_contiguous:
+        return x
+    rows = x.reshape(-1, x.shape[-1])                  # (M, V), a view of the GEMM's output
+    out = np.empty(rows.shape, x.dtype)
+    for v in range(0, x.shape[-1], slab):
+        out[:, v:v + slab] = rows[:, v:v + slab]
+    return out.reshape(x.shape)
+
+
+def final_distribution(final_logits):
+    """What the lens compares every point with, from the final logits (T, V): the probabilities
+    q (T, V) (as in logit_stats, none below float32's smallest normal number), sum q log q (T,)
+    (minus q's entropy), the final top-1 ids (T,), and zmax, logsum (T,) of logit_stats, with which
+    log q = (final_logits - zmax) - logsum."""
+    final_logits = c_ordered(final_logits)                                  # q is read row by row
+    s = logit_stats(final_logits)
+    log_q = (final_logits - s["zmax"][:, None]) - s["logsum"][:, None]     # (T, V)
+    q = np.exp(np.maximum(log_q, LOG_TINY, out=log_q), out=log_q)
+    return {"q": q, "q_log_q": -s["entropy"], "top1": s["top1"], "zmax": s["zmax"], "logsum": s["logsum"]}
 
 
 def lens_metrics(point_logits, final_logits, targets=None):
@@ -25,20 +130,17 @@ def lens_metrics(point_logits, final_logits, targets=None):
     final_rank: rank of the final top-1 token (0 = top); final_prob: its probability;
     accuracy (if targets (T,), the gold next ids, -1 = none): top-1 equals the gold token.
     """
-    logp = log_softmax(point_logits)                                     # (P, T, V)
-    logq = log_softmax(final_logits)                                     # (T, V)
-    top1, final_top1 = logp.argmax(-1), logq.argmax(-1)                  # (P, T), (T,)
-    p_final = np.take_along_axis(logp, np.broadcast_to(final_top1[None, :, None], (*logp.shape[:2], 1)), -1)[..., 0]
-    m = {
-        "agree": (top1 == final_top1).astype(np.float32),
-        "kl": (np.exp(logq) * (logq - logp)).sum(-1),
-        "entropy": -(np.exp(logp) * logp).sum(-1),
-        "final_rank": (logp > p_final[..., None]).sum(-1).astype(np.float32),
-        "final_prob": np.exp(p_final),
-    }
+    final = final_distribution(final_logits)
+    return _metrics(logit_stats(point_logits, final, rank=True), final["top1"], targets)
+
+
+def _metrics(s, final_top1, targets):
+    """The lens metrics (METRICS) from logit_stats s (P, T) with rank=True."""
+    m = {"agree": (s["top1"] == final_top1).astype(np.float32), "kl": s["kl"], "entropy": s["entropy"],
+         "final_rank": s["final_rank"].astype(np.float32), "final_prob": s["final_prob"]}
     if targets is not None:
         targets = np.asarray(targets)
-        acc = (top1 == targets).astype(np.float32)
+        acc = (s["top1"] == targets).astype(np.float32)
         m["accuracy"] = np.where(targets >= 0, acc, np.nan).astype(np.float32)
     return m
 
@@ -86,10 +188,16 @@ def top_k(logits, k):
     return np.take_along_axis(part, order, -1)
 
 
-def point_chunks(P, T, V, budget_bytes=512 << 20):
-    """Split P points into slices whose (p, T, V) float32 logits fit the memory budget."""
-    step = max(1, budget_bytes // (T * V * 4 * 3))      # logits, log-probs and a temporary
-    return [slice(i, min(i + step, P)) for i in range(0, P, step)]
+def point_chunks(P, T, V, budget_bytes=None):
+    """Blocks (points, positions), as a pair of slices, of the P x T lens of a sequence, each of
+    whose float32 logits (p, t, V) fit the memory budget (default LOGITS_BUDGET): as many whole
+    points at a time as fit, or, where one point's T x V logits do not (a long sequence, a large
+    vocabulary), one point at a time, split over positions. Every block is one LM-head GEMM."""
+    rows = max(1, (budget_bytes or LOGITS_BUDGET) // (V * 4))     # (point, position) pairs per block
+    if rows >= T:
+        step = rows // T
+        return [(slice(p, min(p + step, P)), slice(0, T)) for p in range(0, P, step)]
+    return [(slice(p, p + 1), slice(t, min(t + rows, T))) for p in range(P) for t in range(0, T, rows)]
 
 
 def point_logits(model, states, points, shortcut=None):
@@ -99,24 +207,37 @@ def point_logits(model, states, points, shortcut=None):
     return model.unembed(states if shortcut is None else shortcut.apply(states, points))
 
 
-def decode_points(model, states, final, targets, k=0, shortcut=None):
-    """Lens metrics {name: (P, T)} and, if k, top-k ids/probs (P, T, k) for states (P, T, D) of
-    every exit point in order, decoded plainly or through a shortcut.
+def decoded_stats(model, states, final, shortcut=None, rank=False, k=0):
+    """logit_stats {name: (P, T)} of states (P, T, D) of every exit point in order, decoded plainly
+    or through a shortcut, against `final` (final_distribution of the final logits (T, V)), and,
+    if k, the top-k ids and probabilities "top_ids", "top_probs" (P, T, k).
 
-    All positions of a group of points go through the LM head as one matmul; groups are
-    only as small as memory requires (all 2L points at once for a short prompt).
+    Each block of point_chunks goes through the LM head as one GEMM: all 2L points at once for a
+    short prompt, a few points of a 256-token window, as much as the memory budget allows.
     """
     P, T, _ = states.shape
-    parts = []
-    for sl in point_chunks(P, T, model.config.vocab_size):
-        logits = point_logits(model, states[sl], sl, shortcut)             # (p, T, V)
-        m = lens_metrics(logits, final, targets)
+    out = {}
+    for ps, ts in point_chunks(P, T, model.config.vocab_size):
+        logits = point_logits(model, states[ps, ts], ps, shortcut)                   # (p, t, V)
+        s = logit_stats(logits, {name: v[ts] for name, v in final.items()}, rank)     # name -> (p, t)
         if k:
-            top = top_k(logits, k)
-            m["top_ids"] = top
-            m["top_probs"] = np.exp(np.take_along_axis(log_softmax(logits), top, -1))
-        parts.append(m)
-    return {name: np.concatenate([m[name] for m in parts]) for name in parts[0]}
+            s["top_ids"] = top_k(logits, k)                                           # (p, t, k)
+            log_p = (np.take_along_axis(logits, s["top_ids"], -1) - s["zmax"][..., None]) - s["logsum"][..., None]
+            s["top_probs"] = np.exp(log_p)
+        for name, v in s.items():
+            out.setdefault(name, np.empty((P, T, *v.shape[2:]), v.dtype))[ps, ts] = v
+    return out
+
+
+def decode_points(model, states, final, targets, k=0, shortcut=None):
+    """Lens metrics {name: (P, T)} and, if k, top-k ids/probs (P, T, k) for states (P, T, D) of
+    every exit point in order, decoded plainly or through a shortcut; final: the final logits (T, V)."""
+    dist = final_distribution(final)
+    s = decoded_stats(model, states, dist, shortcut, rank=True, k=k)
+    m = _metrics(s, dist["top1"], targets)
+    if k:
+        m["top_ids"], m["top_probs"] = s["top_ids"], s["top_probs"]
+    return m
 
 
 def lens(model, ids, k=5, shortcut=None):

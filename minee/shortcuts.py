@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .hooks import exit_point_names
-from .lens import windows
+from .lens import LOG_TINY, final_distribution, windows
 from .loading import fingerprint
-from .ops import softmax
 from .parallel import map_windows
 
 METHODS = ("lstsq", "kl")                 # least squares; least squares refined on KL
@@ -199,21 +198,26 @@ def _check_points(points, P):
 
 # ------------------------------------------------------------------ KL refinement
 
-def kl_and_grad(model, x, w, b, q):
+def kl_and_grad(model, x, w, b, final):
     """Mean KL(q || softmax(unembed(x w + b))) over n tokens and its gradient in w (D, D), b (D,).
 
-    x (n, D) states at one exit point, q (n, V) the final distributions. Backpropagates by hand
-    through the LM head and the final RMSNorm (y = g * z / r, r = sqrt(mean(z^2) + eps))."""
+    x (n, D) states at one exit point; final: lens.final_distribution of the final logits (n, V)
+    (q and sum q log q, shared by every point). With z the logits, KL = sum q log q - sum q (z - zmax)
+    + log S and the gradient in z is p - q, p = exp(z - zmax) / S (as in lens.logit_stats). Backpropagates
+    by hand through the LM head and the final RMSNorm (y = g * u, u = z / r, r = sqrt(mean(z^2) + eps))."""
     n = len(x)
     z = x @ w + b                                                              # (n, D)
     r = np.sqrt(np.mean(z * z, axis=-1, keepdims=True) + model.config.norm_eps)   # (n, 1)
     u = z / r                                                                  # (n, D) unit RMS
     logits = (u * model.final_norm) @ model.lm_head.T                          # (n, V)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    kl = float(np.sum(q * (np.log(np.maximum(q, 1e-30)) - logp)) / n)
-    d_logits = (np.exp(logp) - q) / n                                          # (n, V)
-    d_u = (d_logits @ model.lm_head) * model.final_norm                        # (n, D)
+    logits -= logits.max(-1, keepdims=True)                                    # z - zmax <= 0
+    kl = final["q_log_q"] - (logits * final["q"]).sum(-1)                      # (n,), + log S below
+    p = np.exp(np.maximum(logits, LOG_TINY, out=logits), out=logits)           # (n, V) S p, no denormals
+    S = p.sum(-1, keepdims=True)                                               # (n, 1)
+    kl = float((kl + np.log(S[:, 0])).sum() / n)
+    p /= S
+    p -= final["q"]                                                            # (n, V) n * dKL/dz = p - q
+    d_u = (p @ model.lm_head) * (model.final_norm / n)                         # (n, D)
     d_z = (d_u - u * np.mean(d_u * u, axis=-1, keepdims=True)) / r             # (n, D)
     return kl, x.T @ d_z, d_z.sum(0)
 
@@ -249,10 +253,10 @@ def refine(model, sc, ids, points=None, steps=100, batch=64, lr=3e-4, tokens=409
     bar = tqdm(range(steps), desc="KL refine", unit="step", disable=not progress)
     for _ in bar:
         idx = rng.choice(len(last), size=min(batch, len(last)), replace=False)
-        q = softmax(model.unembed(last[idx]))                                  # (n, V)
+        final = final_distribution(model.unembed(last[idx]))                   # q (n, V), sum q log q (n,)
         losses = []
         for k, p in enumerate(points):
-            kl, gw, gb = kl_and_grad(model, states[k, idx], weight[p], bias[p], q)
+            kl, gw, gb = kl_and_grad(model, states[k, idx], weight[p], bias[p], final)
             adam[k].step(weight[p], bias[p], gw, gb, lr)
             losses.append(kl)
         bar.set_postfix(kl=f"{np.mean(losses):.3f}")
