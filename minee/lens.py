@@ -21,7 +21,7 @@ def log_softmax(logits):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def logit_stats(logits, final=None, rank=False):
+def logit_stats(logits, final=None, rank=False, k=0):
     """Statistics of the distributions p = softmax(z) of logits z (..., V), name -> (...):
 
       top1        argmax z (the first one if tied)
@@ -30,6 +30,8 @@ def logit_stats(logits, final=None, rank=False):
       confidence  p[top1] = 1 / S
       margin      p[top1] minus the second largest probability
       entropy     -sum p log p = logsum - sum p (z - zmax)                       (nats)
+      top_ids     (k > 0) the k most likely tokens (..., k), the most likely first
+      top_probs   their probabilities (..., k)
 
     and, given `final` (final_distribution of the final logits (T, V); logits (..., T, V)), the
     comparison of each row with the final distribution q at its position:
@@ -38,63 +40,74 @@ def logit_stats(logits, final=None, rank=False):
       final_prob  p at the final top-1 token
       final_rank  (rank=True) how many tokens are strictly more likely than it: 0 = top
 
-    Every statistic is a maximum or a sum over the vocabulary, so a few passes give them all. They
-    run on a few rows at a time (GROUP_BYTES), which stay in the CPU's cache: only the first pass
-    reads the logits from memory. Sums are NumPy's pairwise float32 sums. Probabilities below
-    exp(LOG_TINY) = 1.6e-38 count as that (float32's denormal numbers below 1.2e-38 are 10x slower
-    to compute with); this changes no statistic beyond its rounding. Logits of any memory
-    layout give the same numbers (the others are first copied in C order, see c_ordered).
+    Every statistic is a maximum or a sum over the vocabulary, so a few passes give them all (the
+    top tokens one after another: the largest, then the largest of the others...). They run on a
+    few rows at a time (GROUP_BYTES: one row of a large vocabulary), which stay in the CPU's
+    cache: only the first pass reads the logits from memory. Sums are NumPy's pairwise float32
+    sums. Probabilities below exp(LOG_TINY) = 1.6e-38 count as that (float32's denormal numbers
+    below 1.2e-38 are 10x slower to compute with); this changes no statistic beyond its rounding.
+    Logits of any memory layout give the same numbers (others are first copied, see c_ordered).
     """
     logits = c_ordered(np.asarray(logits, np.float32))
     z = logits.reshape(-1, *logits.shape[-2:]) if final is not None else logits.reshape(1, -1, logits.shape[-1])
     A, T, V = z.shape                                                        # A rows at each of T positions
-    names = SUMS + (FINAL_SUMS + ("final_rank",) * rank if final is not None else ())
-    sums = {k: np.empty((A, T), np.int64 if k in ("top1", "final_rank") else np.float32) for k in names}
+    n_top = max(k, 2)                                                        # the top two give the margin
+    sums = {"top": np.empty((A, T, n_top), np.int64), "top_z": np.empty((A, T, n_top), np.float32),
+            **{name: np.empty((A, T), np.float32) for name in ("zmax", "S", "sum_ez")}}
+    if final is not None:
+        sums |= {name: np.empty((A, T), np.float32) for name in ("sum_qz", "e_final")}
+        sums |= {"final_rank": np.empty((A, T), np.int64)} if rank else {}
     g = max(1, min(T, GROUP_BYTES // (V * 4)))                               # rows per group
     shifted, e = np.empty((g, V), np.float32), np.empty((g, V), np.float32)  # scratch, cache-sized
     for t in range(0, T, g):                      # the final distribution at these positions stays cached
         n = min(g, T - t)
         q, ft = (None, None) if final is None else (final["q"][t:t + n], final["top1"][t:t + n])
         for a in range(A):
-            for k, v in zip(names, _vocabulary_sums(z[a, t:t + n], shifted[:n], e[:n], q, ft, rank)):
-                sums[k][a, t:t + n] = v
-    S = sums["S"]                                                            # (A, T) each
+            part = _vocabulary_sums(z[a, t:t + n], shifted[:n], e[:n], n_top, q, ft, rank)
+            for name, v in part.items():
+                sums[name][a, t:t + n] = v
+    S, top_z = sums["S"], sums["top_z"]                                      # (A, T), (A, T, n_top): z - zmax
     logsum = np.log(S)
-    s = {"top1": sums["top1"], "zmax": sums["zmax"], "logsum": logsum, "confidence": 1 / S,
-         "margin": (1 - np.exp(sums["second"])) / S, "entropy": logsum - sums["sum_ez"] / S}
+    s = {"top1": sums["top"][..., 0], "zmax": sums["zmax"], "logsum": logsum, "confidence": 1 / S,
+         "margin": (1 - np.exp(top_z[..., 1])) / S, "entropy": logsum - sums["sum_ez"] / S}
+    if k:
+        s["top_ids"], s["top_probs"] = sums["top"][..., :k], np.exp(top_z[..., :k]) / S[..., None]
     if final is not None:
         s["kl"] = final["q_log_q"] - sums["sum_qz"] + logsum
         s["final_prob"] = sums["e_final"] / S
         if rank:
             s["final_rank"] = sums["final_rank"]
-    return {name: v.reshape(logits.shape[:-1]) for name, v in s.items()}
+    shape = logits.shape[:-1]
+    return {name: v.reshape(shape + v.shape[2:]) for name, v in s.items()}
 
 
-SUMS = ("top1", "zmax", "second", "S", "sum_ez")      # what _vocabulary_sums returns, in order
-FINAL_SUMS = ("sum_qz", "e_final")                    # and with a final distribution (then final_rank)
-
-
-def _vocabulary_sums(z, shifted, e, q, final_top1, rank):
+def _vocabulary_sums(z, shifted, e, n_top, q=None, final_top1=None, rank=False):
     """For rows z (n, V) at n consecutive positions, computed in the scratch arrays shifted and
-    e (n, V): top1, zmax, the second largest z - zmax, S = sum e with e = exp(z - zmax), sum e (z - zmax)
-    and, given the final distribution q (n, V) there and its top-1 ids, sum q (z - zmax), e at the
-    final top-1 and (rank) how many z are larger than there."""
+    e (n, V): the n_top largest z (ids "top", values "top_z" as z - zmax), zmax, S = sum e with
+    e = exp(z - zmax), sum e (z - zmax) and, given the final distribution q (n, V) there and its
+    top-1 ids, sum q (z - zmax), e at the final top-1 and (rank) how many z are larger there."""
     rows = np.arange(len(z))
-    top1 = z.argmax(-1)                                                      # (n,) the first maximum: reads z from memory
-    zmax = z[rows, top1]
+    top, top_z = np.empty((len(z), n_top), np.int64), np.zeros((len(z), n_top), np.float32)
+    top[:, 0] = z.argmax(-1)                                                 # the first maximum: reads z from memory
+    zmax = z[rows, top[:, 0]]
     np.subtract(z, zmax[:, None], out=shifted)                               # z - zmax <= 0, in cache from here on
-    shifted[rows, top1] = -np.inf
-    second = shifted.max(-1)                                                 # (n,)
-    shifted[rows, top1] = 0.0
+    for j in range(1, n_top):                     # the next largest: the largest once the ones before are set aside
+        shifted[rows, top[:, j - 1]] = -np.inf
+        top[:, j] = shifted.argmax(-1)
+        top_z[:, j] = shifted[rows, top[:, j]]
+    for j in reversed(range(n_top)):
+        shifted[rows, top[:, j]] = top_z[:, j]
+    out = {"top": top, "top_z": top_z, "zmax": zmax}
     if q is not None:
-        sum_qz = np.multiply(shifted, q, out=e).sum(-1)                      # (n,) NumPy's pairwise sums
-        larger = (shifted > shifted[rows, final_top1][:, None]).sum(-1) if rank else None
+        out["sum_qz"] = np.multiply(shifted, q, out=e).sum(-1)               # NumPy's pairwise sums
+        if rank:
+            out["final_rank"] = (shifted > shifted[rows, final_top1][:, None]).sum(-1)
     np.exp(np.maximum(shifted, LOG_TINY, out=e), out=e)                     # (n, V) e, no denormal
-    S = e.sum(-1)
-    sum_ez = np.multiply(shifted, e, out=shifted).sum(-1)
-    if q is None:
-        return top1, zmax, second, S, sum_ez
-    return (top1, zmax, second, S, sum_ez, sum_qz, e[rows, final_top1]) + ((larger,) if rank else ())
+    out["S"] = e.sum(-1)
+    if q is not None:
+        out["e_final"] = e[rows, final_top1]
+    out["sum_ez"] = np.multiply(shifted, e, out=shifted).sum(-1)
+    return out
 
 
 def c_ordered(x, slab=256):
@@ -181,13 +194,6 @@ def exit_states(model, ids):
     return logits[0], np.stack([acts[n][0] for n in names])
 
 
-def top_k(logits, k):
-    """Indices (..., k) of the k largest entries of the last axis, largest first."""
-    part = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
-    order = np.argsort(-np.take_along_axis(logits, part, -1), axis=-1)
-    return np.take_along_axis(part, order, -1)
-
-
 def point_chunks(P, T, V, budget_bytes=None):
     """Blocks (points, positions), as a pair of slices, of the P x T lens of a sequence, each of
     whose float32 logits (p, t, V) fit the memory budget (default LOGITS_BUDGET): as many whole
@@ -219,11 +225,7 @@ def decoded_stats(model, states, final, shortcut=None, rank=False, k=0):
     out = {}
     for ps, ts in point_chunks(P, T, model.config.vocab_size):
         logits = point_logits(model, states[ps, ts], ps, shortcut)                   # (p, t, V)
-        s = logit_stats(logits, {name: v[ts] for name, v in final.items()}, rank)     # name -> (p, t)
-        if k:
-            s["top_ids"] = top_k(logits, k)                                           # (p, t, k)
-            log_p = (np.take_along_axis(logits, s["top_ids"], -1) - s["zmax"][..., None]) - s["logsum"][..., None]
-            s["top_probs"] = np.exp(log_p)
+        s = logit_stats(logits, {name: v[ts] for name, v in final.items()}, rank, k)  # name -> (p, t[, k])
         for name, v in s.items():
             out.setdefault(name, np.empty((P, T, *v.shape[2:]), v.dtype))[ps, ts] = v
     return out

@@ -44,8 +44,9 @@ def float64_stats(logits, final_logits=None):
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     p = np.exp(logp)
     top2 = np.sort(p, -1)[..., -2:]
+    top3 = np.argsort(-z, -1, kind="stable")[..., :3]                     # ties: the first id first
     r = {"top1": z.argmax(-1), "confidence": top2[..., 1], "margin": top2[..., 1] - top2[..., 0],
-         "entropy": -(p * logp).sum(-1)}
+         "entropy": -(p * logp).sum(-1), "top_ids": top3, "top_probs": np.take_along_axis(p, top3, -1)}
     if final_logits is not None:
         f = np.asarray(final_logits, np.float64)
         logq = f - f.max(-1, keepdims=True)
@@ -124,7 +125,9 @@ def check_stats(got, ref, V, who, levels=None):
     `levels` roundings (default log2 V, pairwise; see the module docstring)."""
     rounding = (levels or np.log2(V)) * EPS
     np.testing.assert_array_equal(got["top1"], ref["top1"], err_msg=f"{who}: top1")
-    for name in {"confidence", "margin", "final_prob"} & set(got):
+    if "top_ids" in got:
+        np.testing.assert_array_equal(got["top_ids"], ref["top_ids"], err_msg=f"{who}: top_ids")
+    for name in {"confidence", "margin", "final_prob", "top_probs"} & set(got):
         err = np.abs(got[name] - ref[name]).max()
         assert err <= rounding, f"{who}: {name} off by {err:.3g} > {rounding:.3g}"
     scale = np.log(V) + ref["entropy"] + ref["final_entropy"] + ref["kl"]
@@ -163,7 +166,7 @@ CASES = [("normal", 1000, (3, 17)), ("ties", 50, (2, 9)), ("ties", 49152, (2, 3)
 def test_stats_equal_float64_and_todays_within_float32_rounding(kind, V, shape):
     z, f = random_case(kind, V, shape, seed=V + len(kind))
     ref = float64_stats(z, f)
-    got = logit_stats(z, final_distribution(f), rank=True)
+    got = logit_stats(z, final_distribution(f), rank=True, k=3)
     check_stats(got, ref, V, "logit_stats")
     check_stats(logit_stats(z), ref, V, "logit_stats without final")          # the gate's features
     tie = np.sort(z, -1)[..., -1] - np.sort(z, -1)[..., -2] <= 2 * EPS * np.abs(z).max(-1)
