@@ -11,7 +11,7 @@ import numpy as np
 from .hooks import exit_point_names, point_label
 
 METRICS = ("entropy", "kl", "final_prob", "final_rank", "agree", "accuracy")   # the keys of lens_metrics
-LOGITS_BUDGET = 512 << 20     # bytes of float32 lens logits decoded at once (one LM-head GEMM)
+LOGITS_BUDGET = 256 << 20     # bytes of float32 lens logits decoded at once: one LM-head GEMM, ~1,300 SmolLM2 rows
 GROUP_BYTES = 256 << 10       # bytes of logits the statistics work on at a time (one SmolLM2 row): they stay in cache
 LOG_TINY = -87.0               # exp(-87) = 1.6e-38: just above float32's smallest normal number (1.2e-38)
 
