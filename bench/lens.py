@@ -13,8 +13,9 @@
      final distribution (what the table uses) and once without it: the difference is what the
      comparison with the final distribution (KL, final_prob) costs.
    The report gives medians of wall-clock and CPU seconds (CPU time is what a busy machine
-   cannot inflate by time-slicing), the rest (whole minus its measured parts), and the ratio of
-   the whole window to its own LM-head GEMMs.
+   cannot inflate by time-slicing), the rest (whole minus its measured parts), and, per repeat,
+   the ratio of the whole window to that repeat's LM-head GEMMs and of the parts' sum to them
+   (the parts are timed in one run, so that ratio does not mix two runs).
 2. The lens of a `--tokens` prompt (minee.lens.lens, every exit point, top-5) against one plain
    forward and run_with_cache, interleaved, `--prompt-repeats` times.
 
@@ -77,13 +78,15 @@ def bench_window(model, args):
         runs.append({"whole window": whole, **parts})
         print(f"  repeat {r + 1}: whole {whole[0]:.1f} s wall / {whole[1]:.1f} s CPU, LM-head GEMMs "
               f"{parts['LM-head GEMMs'][0]:.1f} / {parts['LM-head GEMMs'][1]:.1f} s (loadavg {loadavg()})", flush=True)
+    measured = ("forward", "final distribution", "LM-head GEMMs", "statistics")
+    for run in runs:                            # per repeat: the whole, and its parts' sum, over its GEMMs
+        run["ratio: whole / GEMMs"] = run["whole window"] / run["LM-head GEMMs"]
+        run["ratio: parts / GEMMs"] = sum(run[k] for k in measured) / run["LM-head GEMMs"]
     med = {k: np.median([run[k] for run in runs], axis=0) for k in runs[0]}
     spread = {k: (np.min([run[k] for run in runs], axis=0), np.max([run[k] for run in runs], axis=0)) for k in runs[0]}
-    measured = ("forward", "final distribution", "LM-head GEMMs", "statistics")
     med["rest (whole minus the parts)"] = med["whole window"] - sum(med[k] for k in measured)
     return {"contiguous_logits": contiguous, "median": {k: v.tolist() for k, v in med.items()},
-            "spread": {k: [lo.tolist(), hi.tolist()] for k, (lo, hi) in spread.items()},
-            "ratio_whole_to_gemm": (med["whole window"] / med["LM-head GEMMs"]).tolist()}
+            "spread": {k: [lo.tolist(), hi.tolist()] for k, (lo, hi) in spread.items()}}
 
 
 def bench_prompt(model, args):
@@ -124,11 +127,15 @@ def main():
     res["split"] = w = bench_window(model, args)
     print(f"LM head output: {'C-contiguous (M, V)' if w['contiguous_logits'] else 'V-strided (a transposed view)'}")
     gemm = w["median"]["LM-head GEMMs"]
-    print(f"{'part of analysis.window_part':32s} {'wall s':>8s} {'CPU s':>8s} {'x GEMMs':>8s}")
+    print(f"medians of {args.repeats}, [min - max]")
+    print(f"{'part of analysis.window_part':32s} {'wall s':>8s} {'CPU s':>8s} {'x GEMMs':>8s}  CPU spread")
     for name, (wall, cpu) in w["median"].items():
-        print(f"{name:32s} {wall:8.2f} {cpu:8.2f} {cpu / gemm[1]:8.2f}")
-    print(f"whole window / its LM-head GEMMs: {w['ratio_whole_to_gemm'][0]:.2f}x wall, "
-          f"{w['ratio_whole_to_gemm'][1]:.2f}x CPU")
+        if not name.startswith("ratio"):
+            lo, hi = w["spread"].get(name, [[np.nan] * 2] * 2)
+            print(f"{name:32s} {wall:8.2f} {cpu:8.2f} {cpu / gemm[1]:8.2f}  [{lo[1]:.2f} - {hi[1]:.2f}]")
+    for name in ("ratio: whole / GEMMs", "ratio: parts / GEMMs"):      # per repeat, then the median
+        (wall, cpu), (lo, hi) = w["median"][name], w["spread"][name]
+        print(f"{name}: {cpu:.2f}x CPU [{lo[1]:.2f} - {hi[1]:.2f}], {wall:.2f}x wall [{lo[0]:.2f} - {hi[0]:.2f}]")
     if args.prompt_repeats:
         res["prompt"] = t = bench_prompt(model, args)
         base = t["forward"]
