@@ -20,14 +20,12 @@ The top-1 of logit_stats is the first largest float32 logit, exactly as float64 
 before took the argmax of rounded log-probabilities, which can pick another token only where the
 two largest logits are closer than that rounding.
 """
-import json
 
 import numpy as np
 import pytest
 
 import minee
 from minee import analysis, lens
-from minee.exits import Gate
 from minee.hooks import exit_point_names
 from minee.lens import decoded_stats, final_distribution, lens_metrics, logit_stats, point_chunks
 
