@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .exits import (KV_MODES, Gate, cosine, default_min_point, first_match_point, logit_features, patience_runs,
-                    stable_point, train_learned_gate)
+from .exits import (KV_MODES, Gate, cosine, default_min_point, first_match_point, patience_runs, stable_point,
+                    train_learned_gate)
 from .hooks import exit_point_names
-from .lens import check_window, log_softmax, point_chunks, point_logits, shortcut_label, windows
+from .lens import check_window, decoded_stats, final_distribution, shortcut_label, windows
 from .limits import CORPUS_PIECE_CHARS
 from .parallel import map_windows
 from .shortcuts import Shortcuts, read_npz_array
@@ -134,26 +134,16 @@ def window_part(model, begin, s, end, ids, *maps):
     logits, acts = model.run_with_cache(ids[None, begin:end], names=names)
     scored = slice(s - begin, end - begin)                                 # positions s .. end-1
     states = np.stack([acts[n][0, scored] for n in names])                 # (1 + P, T, D)
-    logq = log_softmax(logits[0, scored])                                  # (T, V) final
-    targets = ids[s + 1:end + 1]
-    part = _window_table(model, states[1:], logq, Shortcuts(*maps) if maps else None)
+    final_logits = logits[0, scored]                                       # (T, V)
+    final = final_distribution(final_logits)
+    stats = decoded_stats(model, states[1:], final, Shortcuts(*maps) if maps else None)
+    part = {k: stats[k] for k in ("top1", "confidence", "margin", "entropy", "kl")}
     part["cosine"] = cosine(states[1:], states[:-1])
+    targets = ids[s + 1:end + 1]
     part["targets"], part["inputs"] = targets, ids[s:end]
-    part["nll"] = -logq[np.arange(len(targets)), targets]
+    gold = final_logits[np.arange(len(targets)), targets]                  # (T,)
+    part["nll"] = (final["zmax"] - gold) + final["logsum"]                 # -log q(gold)
     return part
-
-
-def _window_table(model, states, logq, shortcut=None):
-    """Logit features and KL for states (P, T, D), decoded a memory-sized group of points at a time."""
-    P, T, _ = states.shape
-    cols = {k: [] for k in ("top1", "confidence", "margin", "entropy", "kl")}
-    for sl in point_chunks(P, T, model.config.vocab_size):
-        logp = log_softmax(point_logits(model, states[sl], sl, shortcut))  # (p, T, V)
-        f = logit_features(logp)
-        f["kl"] = (np.exp(logq) * (logq - logp)).sum(-1)
-        for k in cols:
-            cols[k].append(f[k])
-    return {k: np.concatenate(v) for k, v in cols.items()}
 
 
 # ------------------------------------------------------------------ E1 natural early exit

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .lens import log_softmax, point_logits
+from .lens import logit_stats, point_logits
 from .limits import MAX_GATE_FILE
 
 GATE_KINDS = ("fixed", "confidence", "margin", "entropy", "patience", "cosine", "learned", "oracle")
@@ -194,14 +194,6 @@ def check_kv_mode(kv):
 
 
 # ------------------------------------------------------------------ features
-
-def logit_features(logp):
-    """confidence (max prob), margin (top-1 minus top-2 prob), entropy (nats) and top1 from
-    log-probabilities (..., V) (lens.log_softmax of the logits)."""
-    top2 = np.partition(logp, -2, axis=-1)[..., -2:]                   # (..., 2): second, first
-    return {"confidence": np.exp(top2[..., 1]), "margin": np.exp(top2[..., 1]) - np.exp(top2[..., 0]),
-            "entropy": -(np.exp(logp) * logp).sum(-1), "top1": logp.argmax(-1)}
-
 
 def cosine(a, b):
     """Cosine similarity of states a, b (..., D) along D."""
@@ -495,7 +487,7 @@ class ExitDecoder:
             f = {"depth": np.full(len(live), p / last), "cosine": cosine(x[live, 0], before[live, 0])}
             if self.gate.needs_logits:
                 logits[live] = self._decode(x[live], np.full(len(live), p), live)
-                f.update(logit_features(log_softmax(logits[live])))
+                f.update(logit_stats(logits[live]))                  # confidence, margin, entropy, top1
                 run[live] = np.where(f["top1"] == prev_top1[live], run[live] + 1, 1)
                 prev_top1[live], f["run"] = f["top1"], run[live]
             exit_now = live[np.asarray(self.gate.decide(f), dtype=bool)]

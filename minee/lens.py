@@ -20,11 +20,129 @@ METRIC_TITLES = {
     "accuracy": "top-1 equals the next gold token",
     "final_rank": "rank of the final top-1 token",
 }
+LOGITS_BUDGET = 256 << 20     # bytes of float32 lens logits decoded at once: one LM-head GEMM, ~1,300 SmolLM2 rows
+GROUP_BYTES = 256 << 10       # bytes of logits the statistics work on at a time (one SmolLM2 row): they stay in cache
+LOG_TINY = -87.0               # exp(-87) = 1.6e-38: just above float32's smallest normal number (1.2e-38)
 
 
 def log_softmax(logits):
     z = logits - logits.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def logit_stats(logits, final=None, rank=False, k=0):
+    """Statistics of the distributions p = softmax(z) of logits z (..., V), name -> (...):
+
+      top1        argmax z (the first one if tied)
+      zmax        max z; with logsum = log S, S = sum exp(z - zmax): log p = (z - zmax) - logsum
+      logsum
+      confidence  p[top1] = 1 / S
+      margin      p[top1] minus the second largest probability
+      entropy     -sum p log p = logsum - sum p (z - zmax)                       (nats)
+      top_ids     (k > 0) the k most likely tokens (..., k), the most likely first
+      top_probs   their probabilities (..., k)
+
+    and, given `final` (final_distribution of the final logits (T, V); logits (..., T, V)), the
+    comparison of each row with the final distribution q at its position:
+
+      kl          KL(q || p) = sum q log q - sum q (z - zmax) + logsum           (nats)
+      final_prob  p at the final top-1 token
+      final_rank  (rank=True) how many tokens are strictly more likely than it: 0 = top
+
+    Every statistic is a maximum or a sum over the vocabulary, so a few passes give them all (the
+    top tokens one after another: the largest, then the largest of the others...). They run on a
+    few rows at a time (GROUP_BYTES: one row of a large vocabulary), which stay in the CPU's
+    cache: only the first pass reads the logits from memory. Sums are NumPy's pairwise float32
+    sums. Probabilities below exp(LOG_TINY) = 1.6e-38 count as that (float32's denormal numbers
+    below 1.2e-38 are 10x slower to compute with); this changes no statistic beyond its rounding.
+    Logits of any memory layout give the same numbers (others are first copied, see c_ordered).
+    """
+    logits = c_ordered(np.asarray(logits, np.float32))
+    z = logits.reshape(-1, *logits.shape[-2:]) if final is not None else logits.reshape(1, -1, logits.shape[-1])
+    A, T, V = z.shape                                                        # A rows at each of T positions
+    n_top = max(k, 2)                                                        # the top two give the margin
+    sums = {"top": np.empty((A, T, n_top), np.int64), "top_z": np.empty((A, T, n_top), np.float32),
+            **{name: np.empty((A, T), np.float32) for name in ("zmax", "S", "sum_ez")}}
+    if final is not None:
+        sums |= {name: np.empty((A, T), np.float32) for name in ("sum_qz", "e_final")}
+        sums |= {"final_rank": np.empty((A, T), np.int64)} if rank else {}
+    g = max(1, min(T, GROUP_BYTES // (V * 4)))                               # rows per group
+    shifted, e = np.empty((g, V), np.float32), np.empty((g, V), np.float32)  # scratch, cache-sized
+    for t in range(0, T, g):                      # the final distribution at these positions stays cached
+        n = min(g, T - t)
+        q, ft = (None, None) if final is None else (final["q"][t:t + n], final["top1"][t:t + n])
+        for a in range(A):
+            part = _vocabulary_sums(z[a, t:t + n], shifted[:n], e[:n], n_top, q, ft, rank)
+            for name, v in part.items():
+                sums[name][a, t:t + n] = v
+    S, top_z = sums["S"], sums["top_z"]                                      # (A, T), (A, T, n_top): z - zmax
+    logsum = np.log(S)
+    s = {"top1": sums["top"][..., 0], "zmax": sums["zmax"], "logsum": logsum, "confidence": 1 / S,
+         "margin": (1 - np.exp(top_z[..., 1])) / S, "entropy": logsum - sums["sum_ez"] / S}
+    if k:
+        s["top_ids"], s["top_probs"] = sums["top"][..., :k], np.exp(top_z[..., :k]) / S[..., None]
+    if final is not None:
+        s["kl"] = final["q_log_q"] - sums["sum_qz"] + logsum
+        s["final_prob"] = sums["e_final"] / S
+        if rank:
+            s["final_rank"] = sums["final_rank"]
+    shape = logits.shape[:-1]
+    return {name: v.reshape(shape + v.shape[2:]) for name, v in s.items()}
+
+
+def _vocabulary_sums(z, shifted, e, n_top, q=None, final_top1=None, rank=False):
+    """For rows z (n, V) at n consecutive positions, computed in the scratch arrays shifted and
+    e (n, V): the n_top largest z (ids "top", values "top_z" as z - zmax), zmax, S = sum e with
+    e = exp(z - zmax), sum e (z - zmax) and, given the final distribution q (n, V) there and its
+    top-1 ids, sum q (z - zmax), e at the final top-1 and (rank) how many z are larger there."""
+    rows = np.arange(len(z))
+    top, top_z = np.empty((len(z), n_top), np.int64), np.zeros((len(z), n_top), np.float32)
+    top[:, 0] = z.argmax(-1)                                                 # the first maximum: reads z from memory
+    zmax = z[rows, top[:, 0]]
+    np.subtract(z, zmax[:, None], out=shifted)                               # z - zmax <= 0, in cache from here on
+    for j in range(1, n_top):                     # the next largest: the largest once the ones before are set aside
+        shifted[rows, top[:, j - 1]] = -np.inf
+        top[:, j] = shifted.argmax(-1)
+        top_z[:, j] = shifted[rows, top[:, j]]
+    for j in reversed(range(n_top)):
+        shifted[rows, top[:, j]] = top_z[:, j]
+    out = {"top": top, "top_z": top_z, "zmax": zmax}
+    if q is not None:
+        out["sum_qz"] = np.multiply(shifted, q, out=e).sum(-1)               # NumPy's pairwise sums
+        if rank:
+            out["final_rank"] = (shifted > shifted[rows, final_top1][:, None]).sum(-1)
+    np.exp(np.maximum(shifted, LOG_TINY, out=e), out=e)                     # (n, V) e, no denormal
+    out["S"] = e.sum(-1)
+    if q is not None:
+        out["e_final"] = e[rows, final_top1]
+    out["sum_ez"] = np.multiply(shifted, e, out=shifted).sum(-1)
+    return out
+
+
+def c_ordered(x, slab=256):
+    """x (..., V) itself if it is C-ordered, else a C-ordered copy. A V-strided array, such as the
+    GEMM output (W @ rows.T).T, holds each row's values a whole row of W apart: a plain copy (or
+    any pass along V) reads one float per cache line. Copied `slab` columns at a time, what it
+    reads stays in the CPU's cache (12x faster measured for a 2560 x 49,152 block)."""
+    if x.flags.c_contiguous:
+        return x
+    rows = x.reshape(-1, x.shape[-1])                  # (M, V), a view of the GEMM's output
+    out = np.empty(rows.shape, x.dtype)
+    for v in range(0, x.shape[-1], slab):
+        out[:, v:v + slab] = rows[:, v:v + slab]
+    return out.reshape(x.shape)
+
+
+def final_distribution(final_logits):
+    """What the lens compares every point with, from the final logits (T, V): the probabilities
+    q (T, V) (as in logit_stats, none below float32's smallest normal number), sum q log q (T,)
+    (minus q's entropy), the final top-1 ids (T,), and zmax, logsum (T,) of logit_stats, with which
+    log q = (final_logits - zmax) - logsum."""
+    final_logits = c_ordered(final_logits)                                  # q is read row by row
+    s = logit_stats(final_logits)
+    log_q = (final_logits - s["zmax"][:, None]) - s["logsum"][:, None]     # (T, V)
+    q = np.exp(np.maximum(log_q, LOG_TINY, out=log_q), out=log_q)
+    return {"q": q, "q_log_q": -s["entropy"], "top1": s["top1"], "zmax": s["zmax"], "logsum": s["logsum"]}
 
 
 def lens_metrics(point_logits, final_logits, targets=None):
@@ -34,20 +152,17 @@ def lens_metrics(point_logits, final_logits, targets=None):
     final_rank: rank of the final top-1 token (0 = top); final_prob: its probability;
     accuracy (if targets (T,), the gold next ids, -1 = none): top-1 equals the gold token.
     """
-    logp = log_softmax(point_logits)                                     # (P, T, V)
-    logq = log_softmax(final_logits)                                     # (T, V)
-    top1, final_top1 = logp.argmax(-1), logq.argmax(-1)                  # (P, T), (T,)
-    p_final = np.take_along_axis(logp, np.broadcast_to(final_top1[None, :, None], (*logp.shape[:2], 1)), -1)[..., 0]
-    m = {
-        "agree": (top1 == final_top1).astype(np.float32),
-        "kl": (np.exp(logq) * (logq - logp)).sum(-1),
-        "entropy": -(np.exp(logp) * logp).sum(-1),
-        "final_rank": (logp > p_final[..., None]).sum(-1).astype(np.float32),
-        "final_prob": np.exp(p_final),
-    }
+    final = final_distribution(final_logits)
+    return _metrics(logit_stats(point_logits, final, rank=True), final["top1"], targets)
+
+
+def _metrics(s, final_top1, targets):
+    """The lens metrics (METRICS) from logit_stats s (P, T) with rank=True."""
+    m = {"agree": (s["top1"] == final_top1).astype(np.float32), "kl": s["kl"], "entropy": s["entropy"],
+         "final_rank": s["final_rank"].astype(np.float32), "final_prob": s["final_prob"]}
     if targets is not None:
         targets = np.asarray(targets)
-        acc = (top1 == targets).astype(np.float32)
+        acc = (s["top1"] == targets).astype(np.float32)
         m["accuracy"] = np.where(targets >= 0, acc, np.nan).astype(np.float32)
     return m
 
@@ -118,47 +233,16 @@ def exit_states(model, ids):
     return logits[0], np.stack([acts[n][0] for n in names])
 
 
-def top_k(logits, k):
-    """Indices (..., k) of the k largest entries of the last axis, largest first."""
-    part = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
-    order = np.argsort(-np.take_along_axis(logits, part, -1), axis=-1)
-    return np.take_along_axis(part, order, -1)
-
-
-def point_chunks(P, T, V, budget_bytes=512 << 20):
-    """Split P points into slices whose (p, T, V) float32 logits fit the memory budget."""
-    step = max(1, budget_bytes // (T * V * 4 * 3))      # logits, log-probs and a temporary
-    return [slice(i, min(i + step, P)) for i in range(0, P, step)]
-
-
-def position_chunks(P, T, V, budget_bytes=512 << 20):
-    """Split T positions into slices whose (P, t, V) float32 logits fit the memory budget (at
-    least one position each): token_curves needs every point of a position at once."""
-    step = max(1, budget_bytes // (P * V * 4 * 4))      # logits, log-probs, their sorted copy, a temporary
-    return [slice(i, min(i + step, T)) for i in range(0, T, step)]
-
-
-def token_curves(logp, top):
-    """Every token in a position's top-k at any point, with its probability and rank at every point:
-    what the lens page draws when a token is pinned (a curve must not stop where it left the top-k).
-
-    logp (P, T, V) log-probabilities at every point, top (P, T, k) their top-k ids. Returns
-    curve_ids (T, P*k): each position's tokens, ascending, then -1; curve_probs (P, T, P*k)
-    float32 and curve_ranks (P, T, P*k) int32 (0 = top), 0 and -1 where curve_ids is -1.
-    """
-    P, T, k = top.shape
-    ids = np.full((T, P * k), -1)                                        # (T, C)
-    for t in range(T):
-        found = np.unique(top[:, t])
-        ids[t, :len(found)] = found
-    own = np.take_along_axis(logp, np.broadcast_to(np.maximum(ids, 0), (P, T, P * k)), -1)   # (P, T, C)
-    ordered = np.sort(logp, axis=-1)                                     # (P, T, V) ascending
-    above = np.array([[np.searchsorted(ordered[p, t], own[p, t], side="right") for t in range(T)]
-                      for p in range(P)])                                # (P, T, C): entries <= each
-    pad = ids < 0                                                        # (T, C)
-    return {"curve_ids": ids,
-            "curve_probs": np.where(pad, 0, np.exp(own)).astype(np.float32),
-            "curve_ranks": np.where(pad, -1, logp.shape[-1] - above).astype(np.int32)}
+def point_chunks(P, T, V, budget_bytes=None):
+    """Blocks (points, positions), as a pair of slices, of the P x T lens of a sequence, each of
+    whose float32 logits (p, t, V) fit the memory budget (default LOGITS_BUDGET): as many whole
+    points at a time as fit, or, where one point's T x V logits do not (a long sequence, a large
+    vocabulary), one point at a time, split over positions. Every block is one LM-head GEMM."""
+    rows = max(1, (budget_bytes or LOGITS_BUDGET) // (V * 4))     # (point, position) pairs per block
+    if rows >= T:
+        step = rows // T
+        return [(slice(p, min(p + step, P)), slice(0, T)) for p in range(0, P, step)]
+    return [(slice(p, p + 1), slice(t, min(t + rows, T))) for p in range(P) for t in range(0, T, rows)]
 
 
 def point_logits(model, states, points, shortcut=None):
@@ -168,29 +252,75 @@ def point_logits(model, states, points, shortcut=None):
     return model.unembed(states if shortcut is None else shortcut.apply(states, points))
 
 
-def decode_points(model, states, final, targets, k=0, shortcut=None, curves=False):
-    """Lens metrics {name: (P, T)} and, if k, top-k ids/probs (P, T, k) for states (P, T, D) of
-    every exit point in order, decoded plainly or through a shortcut.
+def decoded_stats(model, states, final, shortcut=None, rank=False, k=0):
+    """logit_stats {name: (P, T)} of states (P, T, D) of every exit point in order, decoded plainly
+    or through a shortcut, against `final` (final_distribution of the final logits (T, V)), and,
+    if k, the top-k ids and probabilities "top_ids", "top_probs" (P, T, k).
 
-    All positions of a group of points go through the LM head as one matmul; groups are
-    only as small as memory requires (all 2L points at once for a short prompt).
-    curves (with k): also token_curves, which needs all points at once: the caller passes only
-    as many positions as fit in memory (position_chunks).
+    Each block of point_chunks goes through the LM head as one GEMM: all 2L points at once for a
+    short prompt, a few points of a 256-token window, as much as the memory budget allows.
     """
     P, T, _ = states.shape
-    parts = []
-    for sl in [slice(0, P)] if curves else point_chunks(P, T, model.config.vocab_size):
-        logits = point_logits(model, states[sl], sl, shortcut)             # (p, T, V)
-        m = lens_metrics(logits, final, targets)
-        if k:
-            top = top_k(logits, k)
-            logp = log_softmax(logits)                                     # (p, T, V)
-            m["top_ids"] = top
-            m["top_probs"] = np.exp(np.take_along_axis(logp, top, -1))
-            if curves:
-                m.update(token_curves(logp, top))
-        parts.append(m)
-    return {name: np.concatenate([m[name] for m in parts]) for name in parts[0]}
+    out = {}
+    for ps, ts in point_chunks(P, T, model.config.vocab_size):
+        logits = point_logits(model, states[ps, ts], ps, shortcut)                   # (p, t, V)
+        s = logit_stats(logits, {name: v[ts] for name, v in final.items()}, rank, k)  # name -> (p, t[, k])
+        for name, v in s.items():
+            out.setdefault(name, np.empty((P, T, *v.shape[2:]), v.dtype))[ps, ts] = v
+    return out
+
+
+def decode_points(model, states, final, targets, k=0, shortcut=None, curves=False):
+    """Lens metrics {name: (P, T)} and, if k, top-k ids/probs (P, T, k) for states (P, T, D) of
+    every exit point in order, decoded plainly or through a shortcut; final: the final logits (T, V).
+    curves (with k): also token_curves, the followed tokens of the lens page."""
+    dist = final_distribution(final)
+    s = decoded_stats(model, states, dist, shortcut, rank=True, k=k)
+    m = _metrics(s, dist["top1"], targets)
+    if k:
+        m["top_ids"], m["top_probs"] = s["top_ids"], s["top_probs"]
+    if curves:
+        m.update(token_curves(model, states, s, shortcut))
+    return m
+
+
+def token_curves(model, states, s, shortcut=None):
+    """Every token in a position's top-k at any point, with its probability and rank at every point:
+    what the lens page draws when a token is pinned (a curve must not stop where it left the top-k).
+
+    states (P, T, D) of every exit point, s their decoded_stats with k. A second pass over the same
+    blocks of the LM head, as the top-k must be known first. Returns curve_ids (T, C): each
+    position's tokens, ascending, then -1; curve_probs (P, T, C) float32 and curve_ranks (P, T, C)
+    int32 (0 = top, as in token_trajectory), 0 and -1 where curve_ids is -1.
+    """
+    top = s["top_ids"]                                                   # (P, T, k)
+    P, T, k = top.shape
+    followed = [np.unique(top[:, t]) for t in range(T)]
+    ids = np.full((T, max(map(len, followed))), -1)                      # (T, C)
+    for t, found in enumerate(followed):
+        ids[t, :len(found)] = found
+    probs = np.zeros((P, T, ids.shape[1]), np.float32)                   # (P, T, C)
+    ranks = np.full((P, T, ids.shape[1]), -1, np.int32)                  # (P, T, C)
+    for ps, ts in point_chunks(P, T, model.config.vocab_size):
+        logits = c_ordered(point_logits(model, states[ps, ts], ps, shortcut))   # (p, t, V)
+        for i, p in enumerate(range(P)[ps]):
+            for j, t in enumerate(range(T)[ts]):
+                z, n = logits[i, j], len(followed[t])                   # (V,)
+                own = z[followed[t]]                                     # (n,) their logits
+                probs[p, t, :n] = np.exp(own - s["zmax"][p, t] - s["logsum"][p, t])
+                ranks[p, t, :n] = count_above(z, own)
+    return {"curve_ids": ids, "curve_probs": probs, "curve_ranks": ranks}
+
+
+def count_above(z, values):
+    """For each of a few values (n,), how many entries of z (V,) are strictly larger: its rank in z,
+    0 = top. One pass over z: each entry falls between two of the sorted values (searchsorted)."""
+    order = np.argsort(values)
+    slot = np.searchsorted(values[order], z, side="left")               # (V,) how many values lie below
+    larger = np.cumsum(np.bincount(slot, minlength=len(values) + 1)[::-1])[::-1]   # entries in slot >= i
+    counts = np.empty(len(values), np.int64)
+    counts[order] = larger[1:]                                           # above the i-th smallest: slots > i
+    return counts
 
 
 def lens(model, ids, k=5, shortcut=None):
@@ -207,12 +337,8 @@ def lens(model, ids, k=5, shortcut=None):
     targets = np.array(ids[1:] + [-1])                                   # next gold token, none at the end
     if shortcut is not None:
         shortcut.check_model(model)
-    parts = [decode_points(model, states[:, s], final[s], targets[s], k, shortcut, curves=True)
-             for s in position_chunks(*states.shape[:2], model.config.vocab_size)]
-    m = {name: np.concatenate([part[name] for part in parts], axis=0 if name == "curve_ids" else 1)
-         for name in parts[0]}                                           # joined along the positions
-    C = (m["curve_ids"] >= 0).sum(1).max()                               # the longest list; the rest is padding
-    curves = {name: m.pop(name)[..., :C] for name in ("curve_ids", "curve_probs", "curve_ranks")}
+    m = decode_points(model, states, final, targets, k, shortcut, curves=True)
+    curves = {name: m.pop(name) for name in ("curve_ids", "curve_probs", "curve_ranks")}
     tok = model.tokenizer
     used = sorted(set(ids) | set(curves["curve_ids"][curves["curve_ids"] >= 0].tolist()))
     return LensResult(
@@ -295,10 +421,11 @@ def token_trajectory(model, ids, tokens, position=-1):
         raise ValueError(f"position {position} is outside the sequence of {T} tokens (use 0 .. {T - 1} or -1)")
     wanted = [_one_token(model, t) for t in ([tokens] if isinstance(tokens, (str, int, np.integer)) else tokens)]
     _, states = exit_states(model, ids)                                  # (P, T, D)
-    logp = log_softmax(model.unembed(states[:, position]))              # (P, V)
-    own = logp[:, wanted].T                                               # (K, P)
-    rank = (logp[None, :, :] > own[:, :, None]).sum(-1)                  # (K, P)
-    return Trajectory(ids=ids, position=position % T, tokens=wanted, rank=rank, prob=np.exp(own))
+    logits = model.unembed(states[:, position])                          # (P, V)
+    own = logits[:, wanted].T                                             # (K, P)
+    rank = (logits[None, :, :] > own[:, :, None]).sum(-1)                # (K, P): larger logits, 0 = top
+    prob = np.exp(np.take_along_axis(log_softmax(logits), np.array(wanted)[None], -1)).T   # (K, P)
+    return Trajectory(ids=ids, position=position % T, tokens=wanted, rank=rank, prob=prob)
 
 
 def _one_token(model, token):

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .hooks import exit_point_names
-from .lens import windows
+from .lens import LOG_TINY, final_distribution, windows
 from .limits import MAX_META_CHARS, MAX_NPY_HEADER
 from .loading import fingerprint
-from .ops import softcap, softmax
+from .ops import softcap
 from .parallel import map_windows
 
 METHODS = ("lstsq", "kl")                 # least squares; least squares refined on KL
@@ -219,12 +219,14 @@ def _check_points(points, P):
 
 # ------------------------------------------------------------------ KL refinement
 
-def kl_and_grad(model, x, w, b, q):
+def kl_and_grad(model, x, w, b, final):
     """Mean KL(q || softmax(unembed(x w + b))) over n tokens and its gradient in w (D, D), b (D,).
 
-    x (n, D) states at one exit point, q (n, V) the final distributions. Backpropagates by hand
-    through the LM head (and its soft-capping, if the model has one) and the final RMSNorm
-    (y = g * z / r, r = sqrt(mean(z^2) + eps), g its scale: the weight, or 1 + weight for Gemma)."""
+    x (n, D) states at one exit point; final: lens.final_distribution of the final logits (n, V)
+    (q and sum q log q, shared by every point). With z the logits, KL = sum q log q - sum q (z - zmax)
+    + log S and the gradient in z is p - q, p = exp(z - zmax) / S (as in lens.logit_stats). Backpropagates
+    by hand through the LM head (and its soft-capping, if the model has one) and the final RMSNorm
+    (y = g * u, u = z / r, r = sqrt(mean(z^2) + eps), g its scale: the weight, or 1 + weight for Gemma)."""
     n, cap = len(x), model.config.final_softcap
     g = model.config.norm_offset + model.final_norm                            # (D,)
     z = x @ w + b                                                              # (n, D)
@@ -233,13 +235,17 @@ def kl_and_grad(model, x, w, b, q):
     logits = (u * g) @ model.lm_head.T                                         # (n, V)
     if cap is not None:
         logits = softcap(logits, cap)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    kl = float(np.sum(q * (np.log(np.maximum(q, 1e-30)) - logp)) / n)
-    d_logits = (np.exp(logp) - q) / n                                          # (n, V)
+        through_cap = 1 - (logits / cap) ** 2                                  # (n, V) d cap tanh(a / cap) / da
+    logits -= logits.max(-1, keepdims=True)                                    # z - zmax <= 0
+    kl = final["q_log_q"] - (logits * final["q"]).sum(-1)                      # (n,), + log S below
+    p = np.exp(np.maximum(logits, LOG_TINY, out=logits), out=logits)           # (n, V) S p, no denormals
+    S = p.sum(-1, keepdims=True)                                               # (n, 1)
+    kl = float((kl + np.log(S[:, 0])).sum() / n)
+    p /= S
+    p -= final["q"]                                                            # (n, V) n * dKL/dz = p - q
     if cap is not None:
-        d_logits *= 1 - (logits / cap) ** 2                                    # through cap * tanh(a / cap)
-    d_u = (d_logits @ model.lm_head) * g                                       # (n, D)
+        p *= through_cap
+    d_u = (p @ model.lm_head) * (g / n)                                        # (n, D)
     d_z = (d_u - u * np.mean(d_u * u, axis=-1, keepdims=True)) / r             # (n, D)
     return kl, x.T @ d_z, d_z.sum(0)
 
@@ -275,10 +281,10 @@ def refine(model, sc, ids, points=None, steps=100, batch=64, lr=3e-4, tokens=409
     bar = tqdm(range(steps), desc="KL refine", unit="step", disable=not progress)
     for _ in bar:
         idx = rng.choice(len(last), size=min(batch, len(last)), replace=False)
-        q = softmax(model.unembed(last[idx]))                                  # (n, V)
+        final = final_distribution(model.unembed(last[idx]))                   # q (n, V), sum q log q (n,)
         losses = []
         for k, p in enumerate(points):
-            kl, gw, gb = kl_and_grad(model, states[k, idx], weight[p], bias[p], q)
+            kl, gw, gb = kl_and_grad(model, states[k, idx], weight[p], bias[p], final)
             adam[k].step(weight[p], bias[p], gw, gb, lr)
             losses.append(kl)
         bar.set_postfix(kl=f"{np.mean(losses):.3f}")

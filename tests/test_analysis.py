@@ -8,7 +8,8 @@ import pytest
 import minee
 from minee import analysis
 from minee.analysis import TeacherForced
-from minee.exits import Gate, log_softmax
+from minee.exits import Gate
+from minee.lens import log_softmax
 
 
 def table(top1, confidence=None, targets=None):

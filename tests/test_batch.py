@@ -11,8 +11,8 @@ import minee
 import weights_tool
 from minee.__main__ import main
 from minee.cache import consecutive
-from minee.exits import FEATURES, ExitDecoder, Gate, cosine, logit_features
-from minee.lens import log_softmax
+from minee.exits import FEATURES, ExitDecoder, Gate, cosine
+from minee.lens import log_softmax, logit_stats
 from minee.ops import GEMM_MIN_ROWS, WIDE_MIN_ROWS, linear
 from helpers import word_level_model, words
 
@@ -41,7 +41,7 @@ def gates_of_every_kind(model):
     prompts' first positions, so that rows exit at different points."""
     _, acts = model.run_with_cache(np.array([p[:3] for p in PROMPTS]))
     after, before = acts["blocks.1.hook_resid_post"], acts["blocks.1.hook_resid_mid"]
-    f = logit_features(log_softmax(model.unembed(after)))
+    f = logit_stats(model.unembed(after))
     median = {name: float(np.median(f[name])) for name in ("confidence", "margin", "entropy")}
     learned = {"features": list(FEATURES), "mean": np.zeros(len(FEATURES)), "std": np.ones(len(FEATURES)),
                "w": np.array([20.0, 0, 0, 0, 0]), "b": -20.0 * median["confidence"], "threshold": 0.5}

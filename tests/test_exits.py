@@ -18,9 +18,9 @@ from transformers import DynamicCache
 import minee
 from helpers import random_llama
 from minee.__main__ import main
-from minee.exits import (ExitDecoder, Gate, first_match_point, learned_prob, load_learned_gate,
-                         logit_features, parse_gate, patience_runs, save_learned_gate, stable_point,
-                         train_learned_gate)
+from minee.exits import (ExitDecoder, Gate, first_match_point, learned_prob, load_learned_gate, parse_gate,
+                         patience_runs, save_learned_gate, stable_point, train_learned_gate)
+from minee.lens import logit_stats
 
 V, D, H, KV, F, L = 64, 64, 4, 2, 128, 4
 HD = D // H
@@ -357,24 +357,25 @@ def test_default_min_point_in_decoding_and_stats(model):
     assert min(early.exit_points[1:]) < 4                                 # (so the default changed something)
 
 
-def test_logit_features_on_hand_made_logits():
-    """Inputs are normalized logits (log-probabilities), which are valid logits too: the features
-    must not depend on whether the function log-softmaxes them itself."""
-    uniform = logit_features(np.full(10, math.log(0.1), np.float32))
-    assert uniform["entropy"] == pytest.approx(math.log(10), rel=1e-5)
-    assert uniform["margin"] == pytest.approx(0.0, abs=1e-7)
-    assert uniform["confidence"] == pytest.approx(0.1, rel=1e-5)
-    z = np.array([0.0, 0.0, 30.0, 0.0])
-    onehot = logit_features(z - 30.0 - math.log1p(3 * math.exp(-30.0)))       # log-softmax by hand
-    assert onehot["confidence"] == pytest.approx(1.0, abs=1e-9) and onehot["top1"] == 2
-    assert onehot["margin"] == pytest.approx(1.0, abs=1e-9) and onehot["entropy"] == pytest.approx(0.0, abs=1e-9)
-    pr = np.array([0.2, 0.5, 0.1, 0.2])                    # ties below the top do not matter
-    f = logit_features(np.log(pr))
-    assert f["confidence"] == pytest.approx(0.5) and f["margin"] == pytest.approx(0.3)
-    assert f["entropy"] == pytest.approx(-(pr * np.log(pr)).sum()) and f["top1"] == 1
-    batch = logit_features(np.stack([np.log(pr), np.log(pr[::-1])])[None])      # (1, 2, V)
-    np.testing.assert_allclose(batch["margin"], [[0.3, 0.3]], rtol=1e-9)
-    np.testing.assert_array_equal(batch["top1"], [[1, 2]])
+def test_gate_features_on_hand_made_logits():
+    """The gate's features (lens.logit_stats) from log-probabilities, and from the same logits
+    shifted by a constant, which are the same distribution. float32: tolerances of its rounding."""
+    for shift in (0.0, 7.0):
+        uniform = logit_stats(np.full(10, math.log(0.1) + shift, np.float32))
+        assert uniform["entropy"] == pytest.approx(math.log(10), rel=1e-6)
+        assert uniform["margin"] == pytest.approx(0.0, abs=1e-7)
+        assert uniform["confidence"] == pytest.approx(0.1, rel=1e-6)
+        z = np.array([0.0, 0.0, 30.0, 0.0])
+        onehot = logit_stats(z - 30.0 - math.log1p(3 * math.exp(-30.0)) + shift)    # log-softmax by hand
+        assert onehot["confidence"] == pytest.approx(1.0, abs=1e-9) and onehot["top1"] == 2
+        assert onehot["margin"] == pytest.approx(1.0, abs=1e-9) and onehot["entropy"] == pytest.approx(0.0, abs=1e-9)
+        pr = np.array([0.2, 0.5, 0.1, 0.2])                    # ties below the top do not matter
+        f = logit_stats(np.log(pr) + shift)
+        assert f["confidence"] == pytest.approx(0.5) and f["margin"] == pytest.approx(0.3)
+        assert f["entropy"] == pytest.approx(-(pr * np.log(pr)).sum()) and f["top1"] == 1
+        batch = logit_stats(np.stack([np.log(pr), np.log(pr[::-1])])[None] + shift)      # (1, 2, V)
+        np.testing.assert_allclose(batch["margin"], [[0.3, 0.3]], rtol=1e-6)
+        np.testing.assert_array_equal(batch["top1"], [[1, 2]])
 
 
 def test_first_match_and_stable_points_on_hand_made_top1():

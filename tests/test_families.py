@@ -247,7 +247,7 @@ def test_kl_gradient_through_the_soft_capped_head(tmp_path):
     logit soft-capping: it matches finite differences of its own KL, and that KL matches the KL
     of model.unembed computed the long way."""
     from minee import shortcuts
-    from minee.lens import log_softmax
+    from minee.lens import final_distribution, log_softmax
     kind, config = CASES["gemma3_text_softcap_untied_gqa"]
     random_family(tmp_path, kind, **config)
     model = minee.load(tmp_path)
@@ -255,15 +255,16 @@ def test_kl_gradient_through_the_soft_capped_head(tmp_path):
     _, acts = model.run_with_cache(random_ids((1, 30), seed=8), names=["blocks.0.hook_resid_post",
                                                                           "blocks.2.hook_resid_post"])
     x, last = acts["blocks.0.hook_resid_post"][0], acts["blocks.2.hook_resid_post"][0]
-    q = np.exp(log_softmax(model.unembed(last).astype(np.float64)))
+    final = final_distribution(model.unembed(last))                   # q (n, V) and sum q log q, float32
+    q = final["q"].astype(np.float64)
     D = model.config.d_model
     rng = np.random.default_rng(3)
     w = (np.eye(D) + 0.1 * rng.standard_normal((D, D))).astype(np.float32)
     b = (0.1 * rng.standard_normal(D)).astype(np.float32)
-    kl, gw, gb = shortcuts.kl_and_grad(model, x, w, b, q)
+    kl, gw, gb = shortcuts.kl_and_grad(model, x, w, b, final)
     dw, db, eps = rng.standard_normal((D, D)), rng.standard_normal(D), 1e-2
-    plus = shortcuts.kl_and_grad(model, x, (w + eps * dw).astype(np.float32), (b + eps * db).astype(np.float32), q)[0]
-    minus = shortcuts.kl_and_grad(model, x, (w - eps * dw).astype(np.float32), (b - eps * db).astype(np.float32), q)[0]
+    plus = shortcuts.kl_and_grad(model, x, (w + eps * dw).astype(np.float32), (b + eps * db).astype(np.float32), final)[0]
+    minus = shortcuts.kl_and_grad(model, x, (w - eps * dw).astype(np.float32), (b - eps * db).astype(np.float32), final)[0]
     assert float((gw * dw).sum() + (gb * db).sum()) == pytest.approx((plus - minus) / (2 * eps), rel=2e-2)
     ref = (q * (np.log(q) - log_softmax(model.unembed(x @ w + b).astype(np.float64)))).sum(-1).mean()
     assert kl == pytest.approx(ref, rel=1e-3)

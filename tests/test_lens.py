@@ -14,7 +14,7 @@ import torch
 import minee
 from helpers import random_llama
 from minee.hooks import exit_point_names, point_label
-from minee.lens import corpus_lens, lens, lens_metrics, top_k
+from minee.lens import corpus_lens, lens, lens_metrics, logit_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F = torch.nn.functional
@@ -331,13 +331,19 @@ def test_corpus_windows_are_independent_contexts(tiny):
 # ----------------------------------------------------------------------------- top-k
 
 
-# large k / n cases matter: there np.argpartition alone does not return the k in sorted order
+# large k / n cases matter: k rounds of "the largest of the others" must keep them in order
 @pytest.mark.parametrize("shape, k", [((50,), 1), ((50,), 7), ((3, 4, 50), 5), ((2, 64), 64), ((6, 1000), 10),
                                       ((3, 257), 128), ((1000,), 500), ((2, 49152), 5)])
 def test_top_k_equals_sorting(shape, k):
     x = np.random.default_rng(k).standard_normal(shape).astype(np.float32)     # continuous: no ties
     want = np.argsort(-x, axis=-1)[..., :k]
-    np.testing.assert_array_equal(top_k(x, k), want)
+    s = logit_stats(x, k=k)
+    np.testing.assert_array_equal(s["top_ids"], want)
+    p = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(s["top_probs"], np.take_along_axis(p, want, -1), rtol=1e-5)
+    ties = np.round(x)                                  # ties go to the first id, as a stable sort has them
+    np.testing.assert_array_equal(logit_stats(ties, k=k)["top_ids"], np.argsort(-ties, axis=-1, kind="stable")[..., :k])
 
 
 # ----------------------------------------------------------------------------- pictures and CLI

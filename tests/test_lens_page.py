@@ -184,7 +184,7 @@ def word_model(tmp_path_factory):
 def test_token_curves_are_each_tokens_full_lens_trajectory(word_model, monkeypatch):
     """For every position, the followed tokens are exactly those in its top-k at some point, and each
     one's probability and rank at every point are those token_trajectory computes from the full
-    distribution. Positions decoded in groups of 3 give the same arrays as all at once."""
+    distribution. Cells decoded 3 at a time give the same arrays as all at once."""
     ids = np.random.default_rng(2).integers(0, 120, 11).tolist()
     result = lens(word_model, ids, k=4)
     P, T, _ = result.top_ids.shape
@@ -196,12 +196,12 @@ def test_token_curves_are_each_tokens_full_lens_trajectory(word_model, monkeypat
         traj = token_trajectory(word_model, ids, followed.tolist(), position=t)
         np.testing.assert_allclose(result.curve_probs[:, t, :n], traj.prob.T, rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(result.curve_ranks[:, t, :n], traj.rank.T)
-    chunks = minee.lens.position_chunks
-    monkeypatch.setattr(minee.lens, "position_chunks",
-                        lambda P, T, V: chunks(P, T, V, budget_bytes=3 * P * V * 16))
+    monkeypatch.setattr(minee.lens, "LOGITS_BUDGET", 3 * word_model.config.vocab_size * 4)   # 3 cells at a time
     grouped = lens(word_model, ids, k=4)
-    for name in ("top_ids", "curve_ids", "curve_probs", "curve_ranks"):
+    for name in ("top_ids", "curve_ids", "curve_ranks"):
         np.testing.assert_array_equal(getattr(grouped, name), getattr(result, name))
+    # a GEMM of other rows rounds each logit differently (its sums run in another order): a few float32 eps
+    np.testing.assert_allclose(grouped.curve_probs, result.curve_probs, rtol=1e-5, atol=0)
     assert result.texts == {i: f"w{i}" for i in set(ids) | set(result.curve_ids[result.curve_ids >= 0].tolist())}
 
 

@@ -18,7 +18,7 @@ from minee import shortcuts
 from minee.__main__ import main
 from minee.analysis import teacher_forced
 from minee.hooks import exit_point_names
-from minee.lens import lens, log_softmax
+from minee.lens import final_distribution, lens, log_softmax
 from minee.shortcuts import Shortcuts, ShortcutsError
 
 L, D = 3, 32
@@ -130,15 +130,17 @@ def test_points_not_fitted_keep_the_identity(model, ids):
 def test_kl_gradient_matches_finite_differences(model, ids):
     states = all_states(model, ids[:40]).astype(np.float64)
     x = states[2].astype(np.float32)
-    q = np.exp(log_softmax(model.unembed(states[-1].astype(np.float32)).astype(np.float64)))
+    final_logits = model.unembed(states[-1].astype(np.float32))
+    q = np.exp(log_softmax(final_logits.astype(np.float64)))
+    final = final_distribution(final_logits)
     rng = np.random.default_rng(3)
     w = (np.eye(D) + 0.1 * rng.standard_normal((D, D))).astype(np.float32)
     b = (0.1 * rng.standard_normal(D)).astype(np.float32)
-    kl, gw, gb = shortcuts.kl_and_grad(model, x, w, b, q.astype(np.float32))
+    kl, gw, gb = shortcuts.kl_and_grad(model, x, w, b, final)
     dw, db = rng.standard_normal((D, D)), rng.standard_normal(D)
     eps = 1e-2
-    plus = shortcuts.kl_and_grad(model, x, (w + eps * dw).astype(np.float32), (b + eps * db).astype(np.float32), q)[0]
-    minus = shortcuts.kl_and_grad(model, x, (w - eps * dw).astype(np.float32), (b - eps * db).astype(np.float32), q)[0]
+    plus = shortcuts.kl_and_grad(model, x, (w + eps * dw).astype(np.float32), (b + eps * db).astype(np.float32), final)[0]
+    minus = shortcuts.kl_and_grad(model, x, (w - eps * dw).astype(np.float32), (b - eps * db).astype(np.float32), final)[0]
     numeric = (plus - minus) / (2 * eps)
     analytic = float((gw * dw).sum() + (gb * db).sum())
     assert analytic == pytest.approx(numeric, rel=2e-2)
