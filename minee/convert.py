@@ -629,16 +629,9 @@ def _hf_config(reader, tensors: dict) -> dict:
         "rope_scaling": rope_scaling,
         "max_position_embeddings": ctx,
         "vocab_size": vocab_size,
-        "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": _token_id(reader, "bos"),
-        "eos_token_id": _token_id(reader, "eos"),
-        "pad_token_id": _token_id(reader, "padding"),
-        "attention_bias": False,
-        "attention_dropout": 0.0,
         "mlp_bias": False,
-        "initializer_range": 0.02,
-        "use_cache": True,
         "torch_dtype": "float32",
+        **_shared_config(reader, tensors),
     }
 
 
@@ -696,16 +689,23 @@ def _gemma3_config(reader, tensors: dict) -> dict:
         "attn_logit_softcapping": None,
         "max_position_embeddings": int(need("context_length")),
         "vocab_size": int(tensors["token_embd.weight"].shape[-1]),  # gguf shape is (d_model, vocab)
+        "use_bidirectional_attention": False,
+        "dtype": "float32",
+        **_shared_config(reader, tensors),
+    }
+
+
+def _shared_config(reader, tensors: dict) -> dict:
+    """The config fields every GGUF architecture fills the same way: special tokens, tied head, defaults."""
+    return {
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": _token_id(reader, "bos"),
         "eos_token_id": _token_id(reader, "eos"),
         "pad_token_id": _token_id(reader, "padding"),
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "use_bidirectional_attention": False,
         "initializer_range": 0.02,
         "use_cache": True,
-        "dtype": "float32",
     }
 
 
