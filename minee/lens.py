@@ -308,19 +308,9 @@ def token_curves(model, states, s, shortcut=None):
                 z, n = logits[i, j], len(followed[t])                   # (V,)
                 own = z[followed[t]]                                     # (n,) their logits
                 probs[p, t, :n] = np.exp(own - s["zmax"][p, t] - s["logsum"][p, t])
-                ranks[p, t, :n] = count_above(z, own)
+                # rank = how many logits are strictly larger; NumPy sorts a row with SIMD in ~0.2 ms
+                ranks[p, t, :n] = len(z) - np.searchsorted(np.sort(z), own, side="right")
     return {"curve_ids": ids, "curve_probs": probs, "curve_ranks": ranks}
-
-
-def count_above(z, values):
-    """For each of a few values (n,), how many entries of z (V,) are strictly larger: its rank in z,
-    0 = top. One pass over z: each entry falls between two of the sorted values (searchsorted)."""
-    order = np.argsort(values)
-    slot = np.searchsorted(values[order], z, side="left")               # (V,) how many values lie below
-    larger = np.cumsum(np.bincount(slot, minlength=len(values) + 1)[::-1])[::-1]   # entries in slot >= i
-    counts = np.empty(len(values), np.int64)
-    counts[order] = larger[1:]                                           # above the i-th smallest: slots > i
-    return counts
 
 
 def lens(model, ids, k=5, shortcut=None):
