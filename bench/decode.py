@@ -94,8 +94,14 @@ def machine_report():
                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = None
+    try:                              # "always [madvise] never": NumPy's huge pages need madvise or always
+        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip()
+    except OSError:
+        thp = None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "git_commit": commit}
+            "platform": platform.platform(), "git_commit": commit, "transparent_hugepage": thp,
+            # NumPy advises huge pages for arrays >= 4 MB unless this is 0 (slow first forwards, README)
+            "NUMPY_MADVISE_HUGEPAGE": os.environ.get("NUMPY_MADVISE_HUGEPAGE")}
 
 
 def busy_cores(seconds=1.0):
