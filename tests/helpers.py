@@ -58,3 +58,13 @@ def random_shortcuts(model, seed=1, scale=0.3):
 def words(ids):
     """The text word_level_model's tokenizer encodes to `ids`."""
     return " ".join(f"w{i}" for i in ids)
+
+
+def hf_greedy(hf, ids, n):
+    """n greedy tokens from a transformers model after ids, by a plain argmax loop over full passes
+    (the reference for minee.generate; transformers' generate would stop at or suppress EOS)."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(hf(torch.tensor([out]), logits_to_keep=1).logits[0, -1].argmax()))
+    return out[len(ids):]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import minee
+from helpers import hf_greedy
 from minee.analysis import corpus_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,11 +31,6 @@ def rel_err(got, want):
     return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
 
 
-def hf_last_logits(hf, ids):
-    with torch.no_grad():
-        return hf(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].numpy()
-
-
 @pytest.mark.parametrize("prompt", PROMPTS, ids=range(len(PROMPTS)))
 def test_logits_match_transformers(gemma, prompt):
     model, hf = gemma
@@ -54,10 +50,7 @@ def test_32_greedy_tokens_match_transformers(gemma, prompt):
     model, hf = gemma
     ids = model.tokenizer.encode(prompt)
     ours = minee.generate(model, ids, max_new_tokens=32, stop_at_eos=False).tokens
-    ref = list(ids)
-    for _ in range(32):                        # plain argmax loop: generate() would stop at EOS
-        ref.append(int(hf_last_logits(hf, ref).argmax()))
-    assert ours == ref[len(ids):]
+    assert ours == hf_greedy(hf, ids, 32)
 
 
 def test_the_capital_of_france(gemma):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import minee
+from helpers import hf_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,11 +35,7 @@ def test_32_greedy_tokens_match_transformers(smol, prompt):
     model, hf = smol
     ids = model.tokenizer.encode(prompt)
     ours = minee.generate(model, ids, max_new_tokens=32, stop_at_eos=False).tokens
-    ref = list(ids)
-    with torch.no_grad():                      # plain argmax loop: generate() would suppress or stop at EOS
-        for _ in range(32):
-            ref.append(int(hf(torch.tensor([ref])).logits[0, -1].argmax()))
-    assert ours == ref[len(ids):]
+    assert ours == hf_greedy(hf, ids, 32)
 
 
 def test_the_capital_of_france(smol):
