@@ -260,9 +260,10 @@ def print_lens(result, tok, metric):
 
 
 def cmd_analyze(args):
-    from .analysis import analyze, check_run_sizes
+    from .analysis import analyze, check_run_sizes, corpus_file
     max_tokens = token_limit(args.max_tokens)
     check_run_sizes(args.window, args.gen_prompts, args.gen_tokens)
+    corpus_file(args.corpus)
     model = load_with_tokenizer(args.model, "the analysis cannot encode a text corpus")
     shortcut = load_shortcut(args, model)
     res = analyze(model, args.out, corpus=args.corpus, max_tokens=max_tokens, window=args.window,
@@ -297,10 +298,11 @@ def cmd_analyze(args):
 
 
 def cmd_train_gate(args):
-    from .analysis import check_run_sizes, corpus_ids, gate_training_data, teacher_forced
+    from .analysis import check_run_sizes, corpus_file, corpus_ids, gate_training_data, teacher_forced
     from .exits import check_threshold, default_min_point, save_learned_gate, train_learned_gate
     max_tokens = token_limit(args.max_tokens)
     check_run_sizes(args.window)
+    corpus_file(args.corpus)
     check_threshold(args.threshold, "--threshold")
     check_output_file(args.out)
     model = load_with_tokenizer(args.model, "training the gate cannot encode a text corpus")
@@ -324,11 +326,12 @@ def cmd_train_gate(args):
 
 
 def cmd_shortcuts_fit(args):
-    from .analysis import check_run_sizes, corpus_ids
+    from .analysis import check_run_sizes, corpus_file, corpus_ids
     from .shortcuts import check_ridge, fit, refine
     max_tokens = token_limit(args.max_tokens)
     check_output_file(args.out)
     check_run_sizes(args.window)
+    corpus_file(args.corpus)
     check_ridge(args.ridge)
     if args.kl_steps < 0 or args.skip_tokens < 0:
         raise ValueError("--kl-steps (0 = least squares only) and --skip-tokens must be >= 0")

@@ -48,6 +48,15 @@ class TeacherForced:
         return f
 
 
+def corpus_file(path=None):
+    """The text file a run reads (default: minee's evaluation corpus), checked to exist: the CLI
+    calls it before loading a model, so that a mistyped --corpus fails at once."""
+    path = Path(path or DEFAULT_CORPUS)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} not found")
+    return path
+
+
 def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
     """Token ids of the evaluation corpus (or any text file): the first max_tokens (None = all)
     after `skip` (e.g. skip the tokens shortcuts were fitted on, to score held-out text). Asking
@@ -56,9 +65,7 @@ def corpus_ids(tokenizer, path=None, max_tokens=None, skip=0):
     A corpus may be long: it is read and tokenized in pieces (corpus_pieces), and reading stops
     as soon as skip + max_tokens tokens are there, so the memory tokenizing takes is one piece's
     however long the file is."""
-    path = Path(path or DEFAULT_CORPUS)
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file {path} not found")
+    path = corpus_file(path)
     if skip < 0:
         raise ValueError(f"skip (--skip-tokens) must be >= 0, got {skip}")
     want = skip + max_tokens if max_tokens is not None and max_tokens >= 2 else None

@@ -181,6 +181,15 @@ def test_analyze_refuses_bad_arguments_before_any_work(byte_model, tmp_path, cap
     assert not (tmp_path / "an").exists()
 
 
+@pytest.mark.parametrize("command", [["analyze", "--out", "an"], ["train-gate", "--out", "g.json"],
+                                     ["shortcuts", "fit", "--out", "sc.npz"]])
+def test_a_missing_corpus_is_refused_before_the_model_is_loaded(tmp_path, capsys, command):
+    """A mistyped --corpus is named at once, not after loading (and here, failing to load) the model."""
+    *cmd, out = command
+    refused(capsys, [*cmd, str(tmp_path / out), "--model", str(tmp_path / "no-such-model"),
+                     "--corpus", str(tmp_path / "missing.txt")], str(tmp_path / "missing.txt"), "not found")
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--min-point", "100"], ["--min-point", "0 to 6", "100"]),
     (["--min-point", "7"], ["--min-point", "full model"]),
